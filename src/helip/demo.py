@@ -1,0 +1,169 @@
+"""`helip demo`: the whole pipeline on the built-in world, offline, on a CPU.
+
+    world -> pretrain (cached) -> embed -> mine -> train baseline / train HELIP
+          -> eval (val + test) -> results.json + report.html
+
+The comparison is fair by construction: baseline and HELIP continue from the
+same pretrained checkpoint with the same batch size, optimiser steps, schedule
+and seed; they differ only in batch composition (hard pairs) and the HNML term.
+Defaults were chosen on the validation split (benchmarks/); numbers are
+reported on the test split, with validation numbers beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .data import world
+from .data.pairs import PairTensors, prepare_pairs
+from .embed import EmbedConfig, embed, load_embeddings
+from .evaluate import EvalConfig, evaluate_model
+from .io import save_json
+from .mining import MineConfig, mine_hard_pairs, save_hard_pairs
+from .models import DEMO_MODEL, CONFIG_DIR, load_model
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("pretrained", "baseline", "helip")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("HELIP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "helip")
+    return Path(root)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyperparameters of the demo. ``quick()`` gives the test-sized run."""
+
+    world_seed: int = 0
+    n_train: int = 20000
+    n_val: int = 2000
+    n_test: int = 3000
+    n_probe_train: int = 5000
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, seed=0, hard_per_target=0, log_every=50))
+    continued: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=300, batch_size=128, lr=2e-4, warmup_steps=20, hard_per_target=1, top_k=50,
+        hnml_weight=1.0, hnml_margin=0.2, log_every=10))
+    mine: MineConfig = field(default_factory=lambda: MineConfig(k=50))
+    progress: bool = True
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        c = cls(n_train=1200, n_val=300, n_test=300, n_probe_train=600)
+        c.pretrain = replace(c.pretrain, steps=30, batch_size=64, warmup_steps=5, log_every=10)
+        c.continued = replace(c.continued, steps=12, batch_size=64, warmup_steps=2, top_k=10, log_every=4)
+        c.mine = replace(c.mine, k=10)
+        return c
+
+
+def _pretrain_key(cfg: DemoConfig) -> str:
+    """Cache key: everything that determines the pretrained weights."""
+    model_cfg = (CONFIG_DIR / f"{cfg.pretrain.model}.json")
+    blob = json.dumps({"world_seed": cfg.world_seed, "n_train": cfg.n_train, "pretrain": asdict(cfg.pretrain),
+                       "model_cfg": model_cfg.read_text() if model_cfg.exists() else cfg.pretrain.model,
+                       "world_version": world.WORLD_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pretrained_checkpoint(cfg: DemoConfig, train_pairs: PairTensors, cache_dir: Path) -> Path:
+    """The "existing checkpoint" the demo starts from: trained from scratch once, then cached."""
+    run_dir = cache_dir / f"pretrain-{_pretrain_key(cfg)}"
+    ckpt = run_dir / "model.pt"
+    if ckpt.is_file():
+        log.info("using cached pretrained checkpoint %s", ckpt)
+        return ckpt
+    log.info("pretraining the starting model (%d steps); cached at %s", cfg.pretrain.steps, run_dir)
+    return train(replace(cfg.pretrain, pretrained=None, progress=cfg.progress), train_pairs, run_dir).checkpoint
+
+
+def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[Path] = None,
+             config: Optional[DemoConfig] = None) -> Dict:
+    """Run every stage; write ``out/results.json`` and ``out/report.html``; return the results."""
+    from .report import write_report
+
+    cfg = config or (DemoConfig.quick() if quick else DemoConfig())
+    cfg.continued = replace(cfg.continued, seed=seed, progress=cfg.progress)
+    cfg.mine = replace(cfg.mine, progress=cfg.progress)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    timings: Dict[str, float] = {}
+
+    def stage(name):
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+                log.info("== %s", name)
+
+            def __exit__(self, *exc):
+                timings[name] = round(time.perf_counter() - self.t, 2)
+        return _T()
+
+    with stage("world"):
+        splits = {"train": world.generate(cfg.n_train, cfg.world_seed, "train"),
+                  "val": world.generate(cfg.n_val, cfg.world_seed, "val"),
+                  "test": world.generate(cfg.n_test, cfg.world_seed, "test")}
+        lm0 = load_model(cfg.pretrain.model)
+        tensors = {k: prepare_pairs(s.images, s.captions, lm0) for k, s in splits.items()}
+        probe_idx = np.arange(min(cfg.n_probe_train, cfg.n_train))
+        probe_train = PairTensors(tensors["train"].images[probe_idx], tensors["train"].tokens[probe_idx],
+                                  [tensors["train"].captions[i] for i in probe_idx])
+        probe_labels = {"train": world.probe_labels(splits["train"])[probe_idx],
+                        "val": world.probe_labels(splits["val"]), "test": world.probe_labels(splits["test"])}
+        tasks = {k: world.zeroshot_tasks(splits[k]) for k in ("val", "test")}
+
+    with stage("pretrain"):
+        start_ckpt = pretrained_checkpoint(cfg, tensors["train"], cache_dir)
+
+    with stage("embed"):
+        lm = load_model(cfg.pretrain.model, str(start_ckpt))
+        emb_dir = embed(lm, tensors["train"], out / "embeddings", EmbedConfig(progress=cfg.progress))
+
+    with stage("mine"):
+        img, txt, emb_meta = load_embeddings(emb_dir, tensors["train"].fingerprint())
+        hard = mine_hard_pairs(img, txt, cfg.mine)
+        hard.meta["fingerprint"] = emb_meta["fingerprint"]
+        save_hard_pairs(out / "hard_pairs", hard)
+
+    runs = {}
+    with stage("train_baseline"):
+        runs["baseline"] = train(replace(cfg.continued, pretrained=str(start_ckpt), hard_per_target=0,
+                                         hnml_weight=0.0), tensors["train"], out / "baseline")
+    with stage("train_helip"):
+        runs["helip"] = train(replace(cfg.continued, pretrained=str(start_ckpt)), tensors["train"],
+                              out / "helip", hard=hard)
+
+    results: Dict = {}
+    with stage("eval"):
+        ckpts = {"pretrained": start_ckpt, "baseline": runs["baseline"].checkpoint, "helip": runs["helip"].checkpoint}
+        for name, ckpt in ckpts.items():
+            m = load_model(cfg.pretrain.model, str(ckpt))
+            r = evaluate_model(m, {"val": tensors["val"], "test": tensors["test"]}, tasks, probe_labels,
+                               probe_train, EvalConfig())
+            results[name] = {**r["test"], "val": r["val"]}
+
+    results["meta"] = {
+        "seed": seed, "world_seed": cfg.world_seed, "quick": quick, "model": cfg.pretrain.model,
+        "pretrained_checkpoint": str(start_ckpt), "split_sizes": {k: len(v) for k, v in splits.items()},
+        "continued_training": asdict(cfg.continued), "mining": hard.meta, "timings_seconds": timings,
+        "reported_split": "test",
+    }
+    save_json(out / "results.json", results)
+    with stage("report"):
+        write_report(out, results, {k: r.history for k, r in runs.items()}, splits["train"], hard)
+    results["meta"]["timings_seconds"] = timings
+    save_json(out / "results.json", results)
+    return results

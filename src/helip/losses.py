@@ -1,0 +1,89 @@
+"""HELIP's losses: the Hard Negative Margin Loss, composed with OpenCLIP's ClipLoss.
+
+HNML (METHOD.md section 2), with s the cosine similarity:
+
+    HNML_i = mean over hard partners j of i present in the batch of
+             [ max(0, margin + s(I_i, T_j) - s(I_i, T_i))
+             + max(0, margin + s(I_j, T_i) - s(I_i, T_i)) ]
+    total  = L_main + weight * mean_i HNML_i
+
+The mean over i runs over the samples that have at least one partner in the
+batch; a batch with none adds zero. Which pairs count as partners is a boolean
+[B, B] mask built by ``hard_partner_mask`` from the mined lists, so the loss
+itself knows nothing about samplers or datasets.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip import ClipLoss
+from torch import nn
+
+
+def hard_partner_mask(batch_indices, hard_pairs: np.ndarray, top_k: int = 50, symmetric: bool = True,
+                      device=None) -> torch.Tensor:
+    """mask[a, b] is True when batch member b is among the first ``top_k`` hard pairs of member a.
+
+    ``symmetric=True`` also counts a as a partner of b when b lists a: a hard
+    pair is a confusable *pair of pairs*, whichever of the two was the target.
+    """
+    idx = np.asarray(batch_indices, dtype=np.int64)
+    lists = np.asarray(hard_pairs[idx, :top_k], dtype=np.int64)
+    mask = (lists[:, :, None] == idx[None, None, :]).any(axis=1)
+    if symmetric:
+        mask |= mask.T
+    np.fill_diagonal(mask, False)
+    return torch.from_numpy(mask).to(device)
+
+
+class HardNegativeMarginLoss(nn.Module):
+    """The weighted HNML term: ``weight * mean_i HNML_i`` (add it to the main loss)."""
+
+    def __init__(self, margin: float = 0.2, weight: float = 1.0):
+        super().__init__()
+        self.margin = margin
+        self.weight = weight
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                partner_mask: torch.Tensor) -> torch.Tensor:
+        img = F.normalize(image_features, dim=-1)
+        txt = F.normalize(text_features, dim=-1)
+        sim = img @ txt.T                       # sim[a, b] = s(I_a, T_b)
+        pos = sim.diagonal().unsqueeze(1)       # s(I_i, T_i), as a column
+        mask = partner_mask.to(device=sim.device, dtype=sim.dtype)
+        i2t = F.relu(self.margin + sim - pos)   # [i, j]: s(I_i, T_j) vs s(I_i, T_i)
+        t2i = F.relu(self.margin + sim.T - pos)  # [i, j]: s(I_j, T_i) vs s(I_i, T_i)
+        count = mask.sum(dim=1)
+        has = count > 0
+        if not bool(has.any()):
+            return sim.sum() * 0.0
+        per_sample = ((i2t + t2i) * mask).sum(dim=1)[has] / count[has]
+        return self.weight * per_sample.mean()
+
+
+class HelipLoss(nn.Module):
+    """OpenCLIP's ClipLoss plus, when given, the HNML term.
+
+    ``clip_loss`` is a stock ``open_clip.ClipLoss`` (pass rank/world_size for
+    distributed training: it gathers features across ranks); HNML works on the
+    local batch, where the sampler put each target beside its partners.
+    """
+
+    def __init__(self, clip_loss: Optional[ClipLoss] = None, hnml: Optional[HardNegativeMarginLoss] = None):
+        super().__init__()
+        self.clip_loss = clip_loss or ClipLoss()
+        self.hnml = hnml
+
+    def forward(self, image_features, text_features, logit_scale,
+                partner_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        contrastive = self.clip_loss(image_features, text_features, logit_scale)
+        out = {"contrastive": contrastive}
+        total = contrastive
+        if self.hnml is not None and partner_mask is not None:
+            out["hnml"] = self.hnml(image_features, text_features, partner_mask)
+            total = total + out["hnml"]
+        out["total"] = total
+        return out

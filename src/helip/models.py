@@ -1,0 +1,88 @@
+"""OpenCLIP models: registering helip's configs, loading, saving.
+
+helip never defines a CLIP of its own. Its tiny demo model is an OpenCLIP model
+config (``model_configs/helip-tiny-vit.json``) registered with OpenCLIP's
+registry, so it is built by OpenCLIP's factory, tokenised by OpenCLIP's
+tokenizer and preprocessed by OpenCLIP's transforms, like any ViT-B-32.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+
+from .errors import ConfigError, InputError
+from .io import save_torch
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEMO_MODEL = "helip-tiny-vit"
+
+
+def register_configs() -> None:
+    """Add helip's model configs to OpenCLIP's registry (idempotent).
+
+    After this, ``open_clip.create_model("helip-tiny-vit", pretrained=path)``
+    works in any script, which is how helip's checkpoints are meant to be read.
+    """
+    if DEMO_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def resolve_model_name(model: str) -> str:
+    """Accept an OpenCLIP model name or a path to an OpenCLIP JSON model config."""
+    register_configs()
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise InputError(f"model config {path} does not exist; pass an OpenCLIP model name or a JSON config path.")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        raise ConfigError(
+            f"OpenCLIP does not know the model {model!r}; run `python -c \"import open_clip; "
+            f"print(open_clip.list_models())\"` for the names, or pass a path to a JSON model config."
+        )
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """A model with the tokenizer and eval transform that belong to it."""
+
+    name: str
+    model: torch.nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+
+
+def load_model(model: str = DEMO_MODEL, pretrained: Optional[str] = None, device: str = "cpu") -> LoadedModel:
+    """Build an OpenCLIP model, from random init or from a checkpoint.
+
+    ``pretrained`` is a local checkpoint file (a state dict, an ``open_clip_train``
+    checkpoint with ``module.`` prefixes, anything OpenCLIP's loader reads) or an
+    OpenCLIP pretrained tag (downloaded by OpenCLIP only then).
+    """
+    name = resolve_model_name(model)
+    if pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        if not Path(pretrained).is_file():
+            raise InputError(f"checkpoint {pretrained} does not exist; check the path passed as --pretrained.")
+    try:
+        m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as e:
+        if pretrained is not None and ("size mismatch" in str(e) or "Missing key" in str(e)):
+            raise InputError(f"checkpoint {pretrained} does not fit model {name!r} ({str(e).splitlines()[0]}); "
+                             f"pass the --model it was trained with.") from e
+        raise
+    return LoadedModel(name=name, model=m, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name))
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """Write a plain state dict that ``open_clip.create_model(name, pretrained=path)`` loads."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return save_torch(path, state)

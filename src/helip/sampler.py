@@ -1,0 +1,136 @@
+"""HardPairBatchSampler: batches in which each target sits beside its hard pairs.
+
+The released HELIP sampler streams target, partner, target, partner...; this one
+builds whole batches so it can promise what a contrastive loss needs:
+
+- every pair is a *target* exactly once per epoch (per rank shard, see below);
+- each target is followed by ``hard_per_target`` partners drawn uniformly,
+  without replacement, from the first ``top_k`` entries of its hard-pair list;
+- no index appears twice in a batch (a duplicate would be its own negative);
+  a partner already in the batch is replaced by the next draw from the list,
+  and places no list can fill are filled with random pairs (the released
+  code's random fallback, without its off-by-one);
+- fixed batch size, so every rank gets the same number of batches;
+- deterministic in (seed, epoch, rank); ``set_epoch`` as DistributedSampler.
+
+With ``num_replicas > 1`` the shuffled targets are split into equal contiguous
+shards (padded by wrapping around, like DistributedSampler), and each rank
+builds its batches from its own targets, so a target and its partners are
+always on the same rank, where the margin loss sees them together.
+
+With ``hard_pairs=None`` or ``hard_per_target=0`` it yields plain shuffled
+batches: the baseline of a fair comparison runs through the same code.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from .errors import ConfigError, InputError
+
+
+class HardPairBatchSampler(Sampler[List[int]]):
+    def __init__(
+        self,
+        hard_pairs: Optional[np.ndarray],
+        batch_size: int,
+        hard_per_target: int = 1,
+        top_k: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_samples: Optional[int] = None,
+    ):
+        if hard_pairs is None:
+            if num_samples is None:
+                raise ConfigError("HardPairBatchSampler needs hard_pairs or num_samples.")
+            hard_per_target = 0
+            self.n = int(num_samples)
+        else:
+            hard_pairs = np.asarray(hard_pairs)
+            if hard_pairs.ndim != 2:
+                raise InputError(f"hard_pairs must be [N, k], got shape {hard_pairs.shape}.")
+            self.n = len(hard_pairs)
+            if num_samples is not None and num_samples != self.n:
+                raise InputError(f"hard pairs have {self.n} rows but the dataset has {num_samples} pairs; "
+                                 f"mine hard pairs for this dataset.")
+        if batch_size < 1 + hard_per_target:
+            raise ConfigError(f"batch_size {batch_size} cannot hold a target and {hard_per_target} partners.")
+        if not 0 <= rank < num_replicas:
+            raise ConfigError(f"rank {rank} is outside 0..{num_replicas - 1}.")
+        if top_k < 1:
+            raise ConfigError(f"top_k must be at least 1, got {top_k}.")
+        if self.n < batch_size:
+            raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({self.n} pairs).")
+        self.hard = None if hard_pairs is None else hard_pairs[:, :top_k]
+        self.batch_size = batch_size
+        self.hard_per_target = hard_per_target
+        self.top_k = top_k
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.targets_per_batch = batch_size // (1 + hard_per_target)
+        self.targets_per_rank = -(-self.n // num_replicas)  # ceil: shards padded by wrap-around
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.targets_per_rank, self.targets_per_batch)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def shard(self) -> np.ndarray:
+        """This rank's targets for the current epoch, in order."""
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        total = self.targets_per_rank * self.num_replicas
+        if total > self.n:
+            perm = np.concatenate([perm, perm[: total - self.n]])
+        return perm[self.rank * self.targets_per_rank:(self.rank + 1) * self.targets_per_rank]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        targets = self.shard()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        per = self.targets_per_batch
+        for b in range(len(self)):
+            chunk = targets[b * per:(b + 1) * per]
+            size = self.batch_size if len(chunk) == per else len(chunk) * (1 + self.hard_per_target)
+            yield self._batch(chunk, size, rng)
+
+    def _batch(self, chunk: np.ndarray, size: int, rng: np.random.Generator) -> List[int]:
+        chosen = set(int(t) for t in chunk)  # targets first, so no partner can take a target's place
+        batch: List[int] = []
+        for t in chunk:
+            t = int(t)
+            if t in batch:  # only possible when a tiny dataset wraps around
+                continue
+            batch.append(t)
+            if self.hard is None or self.hard_per_target == 0:
+                continue
+            row = self.hard[t]
+            row = row[row >= 0]
+            taken = 0
+            for j in rng.permutation(row):
+                if taken == self.hard_per_target or len(chosen) >= size:
+                    break
+                j = int(j)
+                if j not in chosen:
+                    chosen.add(j)
+                    batch.append(j)
+                    taken += 1
+        # random fill for places no hard list could fill (and remainder places)
+        missing = size - len(batch)
+        while missing > 0:
+            for j in rng.integers(0, self.n, size=2 * missing + 8):
+                j = int(j)
+                if j not in chosen:
+                    chosen.add(j)
+                    batch.append(j)
+                    missing -= 1
+                    if missing == 0:
+                        break
+        return batch
