@@ -23,17 +23,21 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("helip").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _world(args) -> "tuple":
-    """The built-in world's training split, prepared for the model (the only dataset until CSV/shards land)."""
+def _world_split(args):
+    """The built-in world's training split (the only dataset until CSV/shards land)."""
     from .data import world
-    from .data.pairs import prepare_pairs
-    from .models import load_model
 
     if args.data != "world":
         raise ConfigError(f"--data {args.data!r}: only the built-in world ('world') is supported so far.")
-    split = world.generate(args.n_train, args.world_seed, "train")
-    lm = load_model(args.model, args.pretrained)
-    return split, lm, prepare_pairs(split.images, split.captions, lm)
+    return world.generate(args.n_train, args.world_seed, "train")
+
+
+def _model_and_pairs(args, split):
+    from .data.pairs import prepare_pairs
+    from .models import load_model
+
+    lm = load_model(args.model, args.pretrained, device=args.device)
+    return lm, prepare_pairs(split.images, split.captions, lm)
 
 
 def cmd_demo(args) -> None:
@@ -51,7 +55,8 @@ def cmd_demo(args) -> None:
 def cmd_pretrain(args) -> None:
     from .train import TrainConfig, train
 
-    _, _, pairs = _world(argparse.Namespace(**{**vars(args), "pretrained": None}))
+    args.pretrained = None
+    _, pairs = _model_and_pairs(args, _world_split(args))
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=args.warmup_steps, seed=args.seed, hard_per_target=0)
     res = train(cfg, pairs, Path(args.out))
@@ -61,7 +66,7 @@ def cmd_pretrain(args) -> None:
 def cmd_embed(args) -> None:
     from .embed import EmbedConfig, embed
 
-    _, lm, pairs = _world(args)
+    lm, pairs = _model_and_pairs(args, _world_split(args))
     out = embed(lm, pairs, Path(args.out), EmbedConfig(batch_size=args.batch_size, device=args.device))
     print(f"wrote {out}")
 
@@ -87,8 +92,12 @@ def cmd_train(args) -> None:
     from .mining import load_hard_pairs
     from .train import TrainConfig, train
 
-    _, _, pairs = _world(args)
-    hard = load_hard_pairs(Path(args.hard_pairs), pairs.fingerprint()) if args.hard_pairs else None
+    from .io import fingerprint
+
+    split = _world_split(args)
+    # check the hard pairs belong to this dataset before any expensive work
+    hard = load_hard_pairs(Path(args.hard_pairs), fingerprint(split.captions)) if args.hard_pairs else None
+    _, pairs = _model_and_pairs(args, split)
     cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,

@@ -53,7 +53,7 @@ class MineConfig:
 
 
 def _normalised(x: np.ndarray, what: str, device: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
+    t = torch.from_numpy(np.array(x, dtype=np.float32)).to(device)  # a copy: inputs may be read-only memmaps
     if t.ndim != 2:
         raise InputError(f"{what} embeddings must be a 2-D array [N, d], got shape {tuple(t.shape)}.")
     if not torch.isfinite(t).all():

@@ -1,0 +1,233 @@
+"""HardPairBatchSampler: batch composition, determinism, sharding, fallbacks and argument checks."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from helip.errors import ConfigError, InputError
+from helip.sampler import HardPairBatchSampler
+
+
+def permutation_lists(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """[n, k] hard-pair lists: row i holds k distinct indices other than i (no padding)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        others = np.delete(np.arange(n), i)
+        rows.append(rng.permutation(others)[:k])
+    return np.asarray(rows, dtype=np.int32)
+
+
+def ragged_lists(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Like permutation_lists, but each row keeps a random number (0..k) of entries, -1 padded."""
+    hard = permutation_lists(n, k, seed)
+    rng = np.random.default_rng(seed + 100)
+    for i, m in enumerate(rng.integers(0, k + 1, size=n)):
+        hard[i, m:] = -1
+    return hard
+
+
+def batches_of(sampler):
+    return [list(map(int, b)) for b in sampler]
+
+
+def check_batches(sampler, hard, h, top_k, exact_structure):
+    """Invariants shared by all configurations; with ``exact_structure`` also that every batch is
+    exactly [t1, p1..ph, t2, p1..ph, ...] (the case where lists are long enough to never run dry)."""
+    batches = batches_of(sampler)
+    assert len(batches) == len(sampler)
+    shard = sampler.shard()
+    per = sampler.targets_per_batch
+    for b, batch in enumerate(batches):
+        if b < len(batches) - 1:
+            assert len(batch) == sampler.batch_size
+        else:
+            assert 0 < len(batch) <= sampler.batch_size
+        assert len(set(batch)) == len(batch), f"duplicate index in batch {b}"
+        assert all(0 <= j < sampler.n for j in batch)
+        targets = [int(t) for t in shard[b * per:(b + 1) * per]]
+        pos = [batch.index(t) for t in targets]
+        assert pos == sorted(pos) and pos[0] == 0, "targets in shard order, first element is a target"
+        # partners between consecutive targets come from the first top_k of the earlier target's list
+        for t, p0, p1 in zip(targets, pos, pos[1:]):
+            partners = batch[p0 + 1:p1]
+            assert len(partners) <= h
+            assert set(partners) <= set(hard[t, :top_k].tolist()), (t, partners)
+        if exact_structure:
+            assert pos == [a * (1 + h) for a in range(len(targets))]
+            t, p0 = targets[-1], pos[-1]
+            assert set(batch[p0 + 1:p0 + 1 + h]) <= set(hard[t, :top_k].tolist())
+    return batches
+
+
+@pytest.mark.parametrize("h", [1, 2, 3])
+def test_batches_are_targets_followed_by_their_partners(h):
+    n, top_k = 60, 10
+    hard = permutation_lists(n, 30)
+    bs = 4 * (1 + h)
+    s = HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, top_k=top_k, seed=3)
+    batches = check_batches(s, hard, h, top_k, exact_structure=True)
+    # every index is a target exactly once per epoch
+    shard = s.shard()
+    assert sorted(shard.tolist()) == list(range(n))
+    targets = [b[a * (1 + h)] for b in batches for a in range(len(b) // (1 + h))]
+    assert targets == shard.tolist()
+    # partners are not always the first entries of a list: they are drawn from all of the top_k
+    positions = Counter()
+    for b in batches:
+        for a in range(len(b) // (1 + h)):
+            t = b[a * (1 + h)]
+            for p in b[a * (1 + h) + 1:(a + 1) * (1 + h)]:
+                positions[int(np.where(hard[t] == p)[0][0])] += 1
+    assert max(positions) < top_k and max(positions) >= h + 2
+
+
+def test_partners_only_from_first_top_k():
+    n = 40
+    hard = permutation_lists(n, 30, seed=1)
+    s = HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=3)
+    for epoch in range(5):
+        s.set_epoch(epoch)
+        for b in s:
+            for a in range(0, len(b), 2):
+                assert b[a + 1] in hard[b[a], :3]
+
+
+def test_short_and_missing_lists_keep_invariants():
+    n, h, top_k = 50, 2, 4
+    hard = ragged_lists(n, 6, seed=2)
+    assert (hard[:, 0] == -1).any() and (hard[:, top_k - 1] >= 0).any()
+    s = HardPairBatchSampler(hard, batch_size=9, hard_per_target=h, top_k=top_k, seed=5)
+    batches = check_batches(s, hard, h, top_k, exact_structure=False)
+    flat_targets = s.shard().tolist()
+    assert sorted(flat_targets) == list(range(n))
+    assert all(len(b) == 9 for b in batches[:-1])
+
+
+def test_last_batch_and_drop_last():
+    n, bs, h = 62, 8, 1            # 4 targets per batch: 15 full batches + 2 targets left
+    hard = permutation_lists(n, 20)
+    keep = HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, top_k=10, drop_last=False)
+    drop = HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, top_k=10, drop_last=True)
+    bk, bd = batches_of(keep), batches_of(drop)
+    assert len(keep) == len(bk) == 16 and len(drop) == len(bd) == 15
+    assert [len(b) for b in bk] == [8] * 15 + [4]
+    assert all(len(b) == 8 for b in bd)
+    assert bk[:15] == bd  # same epoch, same batches; drop_last only drops the remainder
+    check_batches(keep, hard, h, 10, exact_structure=True)
+
+
+def test_deterministic_in_seed_and_epoch():
+    hard = permutation_lists(48, 20)
+    make = lambda seed=0: HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=10, seed=seed)
+    a, b = make(), make()
+    first = batches_of(a)
+    assert first == batches_of(b)
+    assert first == batches_of(a)  # iterating again gives the same epoch
+    a.set_epoch(1)
+    second = batches_of(a)
+    assert second != first
+    assert sorted(a.shard().tolist()) == list(range(48))
+    b.set_epoch(1)
+    assert batches_of(b) == second
+    a.set_epoch(0)
+    assert batches_of(a) == first
+    assert batches_of(make(seed=1)) != first
+
+
+@pytest.mark.parametrize("n,replicas", [(60, 2), (60, 3), (61, 2), (62, 3)])
+def test_distributed_shards(n, replicas):
+    hard = permutation_lists(n, 20)
+    h, top_k = 1, 10
+    samplers = [HardPairBatchSampler(hard, batch_size=8, hard_per_target=h, top_k=top_k, num_replicas=replicas,
+                                     rank=r, seed=7) for r in range(replicas)]
+    for s in samplers:
+        s.set_epoch(2)
+    shards = [s.shard().tolist() for s in samplers]
+    per_rank = -(-n // replicas)
+    assert all(len(sh) == per_rank for sh in shards)
+    union = [t for sh in shards for t in sh]
+    assert set(union) == set(range(n))
+    if n % replicas == 0:
+        assert len(union) == n  # disjoint
+    else:
+        assert len(union) - len(set(union)) == per_rank * replicas - n  # only the wrap-around padding repeats
+    assert len({len(s) for s in samplers}) == 1
+    for s, sh in zip(samplers, shards):
+        batches = check_batches(s, hard, h, top_k, exact_structure=True)
+        # each target of this rank's batches belongs to this rank, and its partner sits right after it
+        targets = [b[a] for b in batches for a in range(0, len(b), 2)]
+        assert targets == sh
+        for b in batches:
+            for a in range(0, len(b), 2):
+                assert b[a + 1] in hard[b[a], :top_k]
+    # every rank yields the same number of full-size batches (the same count of optimiser steps)
+    assert len({len(batches_of(s)) for s in samplers}) == 1
+    assert len({tuple(map(len, batches_of(s))) for s in samplers}) == 1
+
+
+def test_ranks_differ_and_are_deterministic():
+    hard = permutation_lists(60, 20)
+    r0 = HardPairBatchSampler(hard, batch_size=8, num_replicas=2, rank=0, top_k=10)
+    r1 = HardPairBatchSampler(hard, batch_size=8, num_replicas=2, rank=1, top_k=10)
+    assert batches_of(r0) != batches_of(r1)
+    assert batches_of(r1) == batches_of(HardPairBatchSampler(hard, batch_size=8, num_replicas=2, rank=1, top_k=10))
+
+
+def test_plain_shuffled_batches_without_hard_pairs():
+    s = HardPairBatchSampler(None, batch_size=8, num_samples=60, seed=1)
+    batches = batches_of(s)
+    assert len(batches) == len(s) == 8
+    assert [len(b) for b in batches] == [8] * 7 + [4]
+    flat = [j for b in batches for j in b]
+    assert sorted(flat) == list(range(60))
+    assert flat == s.shard().tolist()
+    assert flat != list(range(60))  # shuffled
+    s.set_epoch(1)
+    flat1 = [j for b in s for j in b]
+    assert sorted(flat1) == list(range(60)) and flat1 != flat
+
+
+def test_hard_per_target_zero_is_plain_batches():
+    hard = permutation_lists(40, 10)
+    s = HardPairBatchSampler(hard, batch_size=8, hard_per_target=0, seed=1)
+    flat = [j for b in s for j in b]
+    assert flat == s.shard().tolist() and sorted(flat) == list(range(40))
+
+
+def test_rows_without_hard_pairs_get_random_fill():
+    n = 40
+    hard = np.full((n, 5), -1, dtype=np.int32)
+    s = HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=5, seed=4)
+    batches = batches_of(s)
+    assert len(batches) == len(s) == 10
+    shard = s.shard().tolist()
+    for b, batch in enumerate(batches):
+        assert len(batch) == 8
+        assert len(set(batch)) == 8
+        assert batch[:4] == shard[4 * b:4 * b + 4]  # targets first, then random fill
+        assert all(0 <= j < n for j in batch)
+
+
+def test_bad_arguments():
+    hard = permutation_lists(20, 5)
+    with pytest.raises(ConfigError, match="batch_size"):
+        HardPairBatchSampler(hard, batch_size=2, hard_per_target=2)
+    HardPairBatchSampler(hard, batch_size=3, hard_per_target=2)  # just enough room
+    with pytest.raises(ConfigError, match="rank"):
+        HardPairBatchSampler(hard, batch_size=4, num_replicas=2, rank=2)
+    with pytest.raises(ConfigError, match="rank"):
+        HardPairBatchSampler(hard, batch_size=4, rank=-1)
+    with pytest.raises(InputError, match="mine hard pairs"):
+        HardPairBatchSampler(hard, batch_size=4, num_samples=21)
+    HardPairBatchSampler(hard, batch_size=4, num_samples=20)
+    with pytest.raises(ConfigError):
+        HardPairBatchSampler(None, batch_size=4)
+    with pytest.raises(ConfigError, match="larger than the dataset"):
+        HardPairBatchSampler(hard, batch_size=22)
+    with pytest.raises(ConfigError, match="top_k"):
+        HardPairBatchSampler(hard, batch_size=4, top_k=0)
+    with pytest.raises(InputError):
+        HardPairBatchSampler(hard[:, 0], batch_size=4)
