@@ -55,7 +55,7 @@ class DemoConfig:
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, seed=0, hard_per_target=0, log_every=50))
     continued: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=300, batch_size=128, lr=2e-4, warmup_steps=20, hard_per_target=1, top_k=50,
+        steps=300, batch_size=128, lr=1e-3, warmup_steps=20, hard_per_target=1, top_k=50,
         hnml_weight=1.0, hnml_margin=0.2, log_every=10))
     mine: MineConfig = field(default_factory=lambda: MineConfig(k=50))
     progress: bool = True

@@ -42,7 +42,7 @@ class TrainConfig:
     pretrained: Optional[str] = None
     steps: int = 300
     batch_size: int = 128
-    lr: float = 5e-4
+    lr: float = 1e-3  # chosen on the demo world's validation split; real checkpoints want ~1e-5..1e-4
     weight_decay: float = 0.1
     warmup_steps: int = 20
     seed: int = 0

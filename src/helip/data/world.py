@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-WORLD_VERSION = 1  # bump whenever drawing or captions change: invalidates cached checkpoints
+WORLD_VERSION = 2  # bump whenever drawing or captions change: invalidates cached checkpoints
 IMAGE_SIZE = 32
 _SUPER = 4  # draw at 4x and downsample: anti-aliased edges, shapes readable at 32 px
 
@@ -114,9 +114,9 @@ def _phrase(rng: np.random.Generator, shape: str, colour: str, size: str, style:
 def _caption_single(rng, obj, position: str) -> str:
     a = _phrase(rng, *obj)
     where = _word(rng, POSITION_WORDS[position])
-    form = int(rng.integers(2))
-    text = f"{a} {where}" if form == 0 else f"{where}, {a}"
-    return (_word(rng, _PREFIXES) + text).strip()
+    if rng.integers(2) == 0:
+        return (_word(rng, _PREFIXES) + f"{a} {where}").strip()
+    return f"{where}, {a}"  # no "a photo of" before "in the center, ..."
 
 
 def _caption_pair(rng, obj_a, obj_b, relation: str) -> str:
