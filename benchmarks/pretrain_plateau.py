@@ -18,9 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from helip.data import world
-from helip.data.pairs import prepare_pairs
-from helip.demo import DemoConfig, default_cache_dir, pretrained_checkpoint
+from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.evaluate import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json
@@ -34,12 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = DemoConfig(progress=False)
-    train_split = world.generate(base.n_train, base.world_seed, "train")
-    val_split = world.generate(base.n_val, base.world_seed, "val")
-    lm0 = load_model(base.pretrain.model)
-    train_pairs = prepare_pairs(train_split.images, train_split.captions, lm0)
-    val_pairs = prepare_pairs(val_split.images, val_split.captions, lm0)
-    tasks = world.zeroshot_tasks(val_split)
+    w = build_world(base)
+    train_pairs, val_pairs, tasks = w.tensors["train"], w.tensors["val"], w.tasks["val"]
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
         cfg = DemoConfig(progress=False)

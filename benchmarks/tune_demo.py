@@ -25,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helip.data import world
-from helip.data.pairs import prepare_pairs
-from helip.demo import DemoConfig, default_cache_dir, pretrained_checkpoint
+from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.evaluate import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json, save_text
@@ -55,12 +53,8 @@ def main() -> None:
     cfg = DemoConfig(progress=False)
     if args.steps:
         cfg.continued = replace(cfg.continued, steps=args.steps)
-    train_split = world.generate(cfg.n_train, cfg.world_seed, "train")
-    val_split = world.generate(cfg.n_val, cfg.world_seed, "val")
-    lm0 = load_model(cfg.pretrain.model)
-    train_pairs = prepare_pairs(train_split.images, train_split.captions, lm0)
-    val_pairs = prepare_pairs(val_split.images, val_split.captions, lm0)
-    tasks = world.zeroshot_tasks(val_split)
+    w = build_world(cfg)
+    train_pairs, val_pairs, tasks = w.tensors["train"], w.tensors["val"], w.tasks["val"]
     ckpt = pretrained_checkpoint(cfg, train_pairs, default_cache_dir())
     lm = load_model(cfg.pretrain.model, str(ckpt))
     img, txt = encode_pairs(lm, train_pairs)

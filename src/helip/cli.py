@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -108,10 +107,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    import numpy as np
-
     from .data import world
-    from .data.pairs import PairTensors, prepare_pairs
+    from .data.pairs import prepare_pairs
     from .evaluate import EvalConfig, evaluate_model
     from .io import save_json
     from .models import load_model

@@ -18,10 +18,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 from .data import world
 from .data.pairs import PairTensors, prepare_pairs
@@ -29,7 +28,7 @@ from .embed import EmbedConfig, embed, load_embeddings
 from .evaluate import EvalConfig, evaluate_model
 from .io import save_json
 from .mining import MineConfig, mine_hard_pairs, save_hard_pairs
-from .models import DEMO_MODEL, CONFIG_DIR, load_model
+from .models import CONFIG_DIR, load_model
 from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -89,6 +88,33 @@ def pretrained_checkpoint(cfg: DemoConfig, train_pairs: PairTensors, cache_dir: 
     return train(replace(cfg.pretrain, pretrained=None, progress=cfg.progress), train_pairs, run_dir).checkpoint
 
 
+@dataclass
+class DemoWorld:
+    """The demo's splits, prepared for the model, with their evaluation tasks."""
+
+    splits: Dict[str, world.WorldSplit]
+    tensors: Dict[str, PairTensors]
+    tasks: Dict[str, List[world.ZeroShotTask]]
+    probe_train: PairTensors
+    probe_labels: Dict[str, np.ndarray]
+
+
+def build_world(cfg: DemoConfig) -> DemoWorld:
+    """Generate train/val/test, apply the model's OpenCLIP transform and tokenizer, build the tasks."""
+    splits = {"train": world.generate(cfg.n_train, cfg.world_seed, "train"),
+              "val": world.generate(cfg.n_val, cfg.world_seed, "val"),
+              "test": world.generate(cfg.n_test, cfg.world_seed, "test")}
+    lm = load_model(cfg.pretrain.model)
+    tensors = {k: prepare_pairs(s.images, s.captions, lm) for k, s in splits.items()}
+    n_probe = min(cfg.n_probe_train, cfg.n_train)
+    t = tensors["train"]
+    probe_train = PairTensors(t.images[:n_probe], t.tokens[:n_probe], t.captions[:n_probe])
+    probe_labels = {"train": world.probe_labels(splits["train"])[:n_probe],
+                    "val": world.probe_labels(splits["val"]), "test": world.probe_labels(splits["test"])}
+    tasks = {k: world.zeroshot_tasks(splits[k]) for k in ("val", "test")}
+    return DemoWorld(splits, tensors, tasks, probe_train, probe_labels)
+
+
 def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[Path] = None,
              config: Optional[DemoConfig] = None) -> Dict:
     """Run every stage; write ``out/results.json`` and ``out/report.html``; return the results."""
@@ -113,17 +139,8 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
         return _T()
 
     with stage("world"):
-        splits = {"train": world.generate(cfg.n_train, cfg.world_seed, "train"),
-                  "val": world.generate(cfg.n_val, cfg.world_seed, "val"),
-                  "test": world.generate(cfg.n_test, cfg.world_seed, "test")}
-        lm0 = load_model(cfg.pretrain.model)
-        tensors = {k: prepare_pairs(s.images, s.captions, lm0) for k, s in splits.items()}
-        probe_idx = np.arange(min(cfg.n_probe_train, cfg.n_train))
-        probe_train = PairTensors(tensors["train"].images[probe_idx], tensors["train"].tokens[probe_idx],
-                                  [tensors["train"].captions[i] for i in probe_idx])
-        probe_labels = {"train": world.probe_labels(splits["train"])[probe_idx],
-                        "val": world.probe_labels(splits["val"]), "test": world.probe_labels(splits["test"])}
-        tasks = {k: world.zeroshot_tasks(splits[k]) for k in ("val", "test")}
+        w = build_world(cfg)
+        splits, tensors, tasks = w.splits, w.tensors, w.tasks
 
     with stage("pretrain"):
         start_ckpt = pretrained_checkpoint(cfg, tensors["train"], cache_dir)
@@ -151,8 +168,8 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
         ckpts = {"pretrained": start_ckpt, "baseline": runs["baseline"].checkpoint, "helip": runs["helip"].checkpoint}
         for name, ckpt in ckpts.items():
             m = load_model(cfg.pretrain.model, str(ckpt))
-            r = evaluate_model(m, {"val": tensors["val"], "test": tensors["test"]}, tasks, probe_labels,
-                               probe_train, EvalConfig())
+            r = evaluate_model(m, {"val": tensors["val"], "test": tensors["test"]}, tasks, w.probe_labels,
+                               w.probe_train, EvalConfig())
             results[name] = {**r["test"], "val": r["val"]}
 
     results["meta"] = {
