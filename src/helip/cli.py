@@ -72,19 +72,36 @@ def cmd_embed(args) -> None:
 
 def cmd_mine(args) -> None:
     from .embed import load_embeddings
-    from .mining import MineConfig, mine_hard_pairs, save_hard_pairs, write_csv
+    from .mining import MineConfig, mine_hard_pairs, write_csv
 
     img, txt, meta = load_embeddings(Path(args.embeddings))
     cfg = MineConfig(k=args.k, mode=args.mode, method=args.method, dup_threshold=args.dup_threshold,
                      min_similarity=args.min_similarity, block_size=args.block_size, device=args.device,
-                     seed=args.seed)
-    hard = mine_hard_pairs(img, txt, cfg)
-    hard.meta["fingerprint"] = meta.get("fingerprint")
-    hard.meta["embeddings"] = str(Path(args.embeddings).resolve())
-    save_hard_pairs(Path(args.out), hard)
+                     seed=args.seed, candidates=args.candidates, redraw_every=args.redraw_every,
+                     nlist=args.nlist, nprobe=args.nprobe, recall_sample=args.recall_sample,
+                     chunk_size=args.chunk_size)
+    rank = _init_distributed(args.device)
+    extra = {"fingerprint": meta.get("fingerprint"), "embeddings": str(Path(args.embeddings).resolve())}
+    hard = mine_hard_pairs(img, txt, cfg, out_dir=Path(args.out), extra_meta=extra)
+    if rank != 0:
+        return
     if args.csv:
         write_csv(Path(args.csv), hard)
-    print(f"wrote {args.out} ({len(hard)} targets, k={hard.k}, {hard.meta['padded_rows']} rows padded with -1)")
+    recall = hard.meta.get("recall_estimate")
+    recall = f", estimated recall@{hard.k} {recall['recall_at_k']:.4f}" if recall else ""
+    print(f"wrote {args.out} ({len(hard)} targets, k={hard.k}, {hard.meta['padded_rows']} rows padded with -1"
+          f"{recall}, {hard.meta['timings']['mine_seconds']:.1f}s)")
+
+
+def _init_distributed(device: str) -> int:
+    """Join the torchrun process group when launched by torchrun; return this process's rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def cmd_train(args) -> None:
@@ -182,13 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--k", type=int, default=50)
-    p.add_argument("--mode", default="exact", choices=["exact"])
+    p.add_argument("--mode", default="exact", choices=["exact", "subset", "ann"])
     p.add_argument("--method", default="hpm", choices=["hpm", "text", "image"])
     p.add_argument("--dup-threshold", type=float, default=0.98)
     p.add_argument("--min-similarity", type=float, default=0.0)
     p.add_argument("--block-size", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--candidates", type=int, default=3_000_000, help="subset mode: random candidate pool size")
+    p.add_argument("--redraw-every", type=int, default=300_000, help="subset mode: targets per candidate pool")
+    p.add_argument("--nlist", type=int, default=0, help="ann mode: k-means cells (0: about 2 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=16, help="ann mode: cells searched per target's cell")
+    p.add_argument("--recall-sample", type=int, default=200, help="targets checked against exact search")
+    p.add_argument("--chunk-size", type=int, default=65536, help="targets per resumable chunk")
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")
     p.set_defaults(func=cmd_mine)
 

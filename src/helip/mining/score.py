@@ -1,4 +1,4 @@
-"""The hard-pair score and its exclusion rules, on one block of targets.
+"""The hard-pair score and its exclusion rules, for a block of targets against candidates.
 
 score(i, j) = cos(text_i, text_j) * cos(image_i, image_j)  (method "hpm"),
 or one of the two cosines alone (methods "text" and "image", the paper's
@@ -7,30 +7,32 @@ cosine exceeds ``dup_threshold`` (a near-duplicate is a false negative, not a
 hard one), or when either cosine is at most ``min_similarity``: a pair unlike
 the target in both modalities has a positive product too (-0.9 x -0.9), but it
 is not hard; the default 0.0 keeps the product meaningful.
+
+Every search mode (exact, subset, ann) differs only in which candidates it
+hands to ``candidate_scores``; scoring and selection are shared, so the modes
+agree wherever their candidate sets do.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
+import numpy as np
 import torch
 
 METHODS = ("hpm", "text", "image")
 
 
-def block_scores(
-    text_block: torch.Tensor,
-    image_block: torch.Tensor,
-    text_all: torch.Tensor,
-    image_all: torch.Tensor,
-    block_start: int,
-    method: str,
-    dup_threshold: float,
-    min_similarity: float,
+def candidate_scores(
+    text_q: torch.Tensor, image_q: torch.Tensor, q_idx: torch.Tensor,
+    text_c: torch.Tensor, image_c: torch.Tensor, c_idx: torch.Tensor,
+    method: str, dup_threshold: float, min_similarity: float,
 ) -> torch.Tensor:
-    """Scores [b, N] of targets ``block_start..block_start+b`` against all pairs.
+    """Scores [b, m] of targets (global indices ``q_idx``) against candidates ``c_idx``.
 
     Excluded candidates get -inf. Inputs are L2-normalised float32 rows.
     """
-    ct = text_block @ text_all.T
-    ci = image_block @ image_all.T
+    ct = text_q @ text_c.T
+    ci = image_q @ image_c.T
     if method == "hpm":
         score = ct * ci
     elif method == "text":
@@ -40,6 +42,19 @@ def block_scores(
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     excluded = (ct > dup_threshold) | (ci > dup_threshold) | (ct <= min_similarity) | (ci <= min_similarity)
-    rows = torch.arange(score.shape[0], device=score.device)
-    excluded[rows, rows + block_start] = True
+    excluded |= q_idx[:, None] == c_idx[None, :]
     return score.masked_fill_(excluded, float("-inf"))
+
+
+def select_topk(scores: torch.Tensor, c_idx: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Best k per row as global indices (int32, -1 padded) and scores (float32, -inf padded)."""
+    b, m = scores.shape
+    kk = min(k, m)
+    vals, pos = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
+    idx = c_idx[pos]
+    idx[torch.isinf(vals)] = -1
+    out_i = np.full((b, k), -1, dtype=np.int32)
+    out_s = np.full((b, k), -np.inf, dtype=np.float32)
+    out_i[:, :kk] = idx.cpu().numpy()
+    out_s[:, :kk] = vals.cpu().numpy()
+    return out_i, out_s

@@ -1,0 +1,257 @@
+"""`mine_hard_pairs` and `helip mine`: options, validation, chunked resumable runs, sharding.
+
+Targets are processed in chunks of ``chunk_size``. With an output directory,
+each finished chunk is written (atomically) to ``OUT/.partial/``; a killed run
+started again with the same options skips the finished chunks and produces
+the same final files. Under ``torchrun`` (an initialised torch.distributed
+process group) rank r takes chunks r, r+W, r+2W, ...; rank 0 merges them into
+one output once all ranks are done. Search modes differ only in the candidates
+each target is scored against (see ``score.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, InputError
+from ..io import save_json, save_npy, save_with
+from .ann import build_cells, default_nlist, joint, recall_at_k, search_ann
+from .exact import search_exact
+from .score import METHODS
+from .store import HardPairs, save_hard_pairs
+from .subset import search_subset
+
+log = logging.getLogger(__name__)
+
+MODES = ("exact", "subset", "ann")
+
+
+@dataclass
+class MineConfig:
+    """Options of ``mine_hard_pairs`` and ``helip mine``."""
+
+    k: int = 50
+    mode: str = "exact"            # exact | subset | ann
+    method: str = "hpm"            # hpm | text | image
+    dup_threshold: float = 0.98
+    min_similarity: float = 0.0
+    block_size: int = 1024         # targets scored at once: memory O(block_size x candidates)
+    device: str = "cpu"
+    seed: int = 0
+    candidates: int = 3_000_000    # subset: size of the random candidate pool
+    redraw_every: int = 300_000    # subset: targets per pool
+    nlist: int = 0                 # ann: k-means cells (0: about 2 sqrt(N))
+    nprobe: int = 16               # ann: cells searched per target's cell
+    recall_sample: int = 200       # ann/subset: targets checked against exact search
+    chunk_size: int = 65536        # targets per resumable chunk
+    progress: bool = True
+
+    def validate(self, n: int) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.k < 1:
+            raise ConfigError(f"k must be at least 1, got {self.k}.")
+        if self.k > n - 1:
+            raise ConfigError(f"k={self.k} is larger than the {n - 1} other pairs in a {n}-pair dataset; "
+                              f"use --k {max(n - 1, 1)} or less.")
+        if not -1.0 <= self.min_similarity < self.dup_threshold <= 1.0:
+            raise ConfigError(f"need -1 <= min_similarity < dup_threshold <= 1, got "
+                              f"{self.min_similarity} and {self.dup_threshold}.")
+        for name in ("block_size", "candidates", "redraw_every", "nprobe", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.nlist < 0:
+            raise ConfigError(f"nlist must be 0 (automatic) or positive, got {self.nlist}.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
+
+    def search_key(self, n: int) -> str:
+        """Identity of the result (not of how fast it is computed): guards resumed partial chunks."""
+        keep = {k: v for k, v in asdict(self).items() if k not in ("progress", "device", "block_size")}
+        return hashlib.sha256(json.dumps({"n": n, **keep}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _normalised(x: np.ndarray, what: str, device: str) -> torch.Tensor:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise InputError(f"{what} embeddings must be a 2-D array [N, d], got shape {arr.shape}.")
+    t = torch.from_numpy(np.array(arr, dtype=np.float32)).to(device)  # a copy: inputs may be read-only memmaps
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).any(dim=1).nonzero()[0, 0])
+        raise InputError(f"{what} embeddings contain NaN or infinity (first at row {bad}); re-run `helip embed`.")
+    norms = t.norm(dim=1)
+    if (norms == 0).any():
+        bad = int((norms == 0).nonzero()[0, 0])
+        raise InputError(f"{what} embedding of row {bad} is all zeros and has no direction; "
+                         f"fix or drop that pair and re-run `helip embed`.")
+    return torch.nn.functional.normalize(t, dim=1)
+
+
+def _dist() -> tuple:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        torch.distributed.barrier()
+
+
+class _Run:
+    """One mining run: inputs, options, the ANN cells if any, and the search of a set of targets."""
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor, cfg: MineConfig):
+        self.img, self.txt, self.cfg, self.n = img, txt, cfg, len(img)
+        self.cells = None
+
+    def prepare_cells(self, partial: Optional[Path], rank: int) -> None:
+        if self.cfg.mode != "ann":
+            return
+        nlist = self.cfg.nlist or default_nlist(self.n)
+        paths = [partial / "cells_assign.npy", partial / "cells_probes.npy"] if partial else []
+        if partial is not None and rank == 0 and not all(p.is_file() for p in paths):
+            cells = build_cells(joint(self.txt, self.img, self.cfg.method), nlist, self.cfg.nprobe, self.cfg.seed)
+            save_npy(paths[0], cells["assign"])
+            save_npy(paths[1], cells["probes"])
+        _barrier()
+        if partial is not None:
+            self.cells = {"assign": np.load(paths[0]), "probes": np.load(paths[1])}
+        else:
+            self.cells = build_cells(joint(self.txt, self.img, self.cfg.method), nlist, self.cfg.nprobe, self.cfg.seed)
+
+    def search(self, rows: np.ndarray, on_block=lambda n: None, mode: Optional[str] = None):
+        c = self.cfg
+        common = (self.txt, self.img, rows, c.k, c.method, c.dup_threshold, c.min_similarity, c.block_size)
+        mode = mode or c.mode
+        if mode == "exact":
+            return search_exact(*common, on_block=on_block)
+        if mode == "subset":
+            return search_subset(*common, c.candidates, c.redraw_every, c.seed, on_block=on_block)
+        return search_ann(*common, self.cells, on_block=on_block)
+
+
+def _partial_dir(out_dir: Path, key: str, rank: int) -> Path:
+    partial = out_dir / ".partial"
+    stamp = partial / "key.json"
+    if rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if partial.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+                log.warning("discarding partial results in %s made with other options", partial)
+                shutil.rmtree(partial)
+            partial.mkdir(exist_ok=True)
+            save_json(stamp, {"key": key})
+        except OSError as e:
+            raise InputError(f"cannot write to {out_dir} ({e.strerror}); choose an --out directory you can write to.")
+    _barrier()
+    return partial
+
+
+def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, config: Optional[MineConfig] = None,
+                    out_dir: Optional[Path] = None, extra_meta: Optional[dict] = None, **overrides) -> HardPairs:
+    """Find each pair's hard pairs: the k best-scoring other pairs, best first.
+
+    ``image_embeddings`` and ``text_embeddings`` are [N, d] arrays (any float
+    dtype; normalised here) whose row i describes pair i. Options are those of
+    ``MineConfig`` (keyword overrides are applied on top of ``config``).
+    Returns ``HardPairs`` with ``indices`` int32 [N, k] (-1 where fewer than k
+    candidates qualify) and ``scores`` float32 [N, k] (-inf there).
+
+    With ``out_dir`` the run is resumable and is written there in the format of
+    DESIGN.md section 3 (``extra_meta``, e.g. the dataset fingerprint, is added
+    to meta.json); under torchrun every rank must call this with the same
+    arguments, and all ranks return the merged result.
+    """
+    cfg = MineConfig(**{**asdict(config or MineConfig()), **overrides})
+    if len(image_embeddings) != len(text_embeddings):
+        raise InputError(f"image and text embeddings have {len(image_embeddings)} and {len(text_embeddings)} rows; "
+                         f"row i of both must be pair i. Re-run `helip embed`.")
+    n = len(image_embeddings)
+    cfg.validate(n)
+    rank, world = _dist()
+    if world > 1 and out_dir is None:
+        raise ConfigError("a multi-process (torchrun) mining run needs an output directory to merge into.")
+    img = _normalised(image_embeddings, "image", cfg.device)
+    txt = _normalised(text_embeddings, "text", cfg.device)
+    run = _Run(img, txt, cfg)
+    out_dir = Path(out_dir) if out_dir is not None else None
+    partial = _partial_dir(out_dir, cfg.search_key(n), rank) if out_dir is not None else None
+    if partial is not None and rank == 0 and (out_dir / "meta.json").exists():
+        (out_dir / "meta.json").unlink()  # the directory is incomplete until the new result lands
+
+    t0 = time.perf_counter()
+    run.prepare_cells(partial, rank)
+    t_index = time.perf_counter() - t0
+    chunks = list(range(rank, -(-n // cfg.chunk_size), world))
+    results = {}
+    mine_rows = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in chunks)
+    with tqdm(total=mine_rows, unit="pair", desc=f"mining ({cfg.mode})", disable=not cfg.progress) as bar:
+        for c in chunks:
+            path = partial / f"chunk_{c:06d}.npz" if partial is not None else None
+            if path is not None and path.is_file():
+                bar.update(min(cfg.chunk_size, n - c * cfg.chunk_size))
+                continue
+            rows = np.arange(c * cfg.chunk_size, min(n, (c + 1) * cfg.chunk_size))
+            idx, sc = run.search(rows, on_block=bar.update)
+            if path is not None:
+                def write(tmp, idx=idx, sc=sc):
+                    with open(tmp, "wb") as f:
+                        np.savez(f, indices=idx, scores=sc)
+                save_with(path, write)
+            else:
+                results[c] = (idx, sc)
+    _barrier()
+    n_chunks = -(-n // cfg.chunk_size)
+    indices = np.empty((n, cfg.k), dtype=np.int32)
+    scores = np.empty((n, cfg.k), dtype=np.float32)
+    for c in range(n_chunks):
+        if partial is not None:
+            with np.load(partial / f"chunk_{c:06d}.npz") as z:
+                idx, sc = z["indices"], z["scores"]
+        else:
+            idx, sc = results[c]
+        indices[c * cfg.chunk_size:c * cfg.chunk_size + len(idx)] = idx
+        scores[c * cfg.chunk_size:c * cfg.chunk_size + len(idx)] = sc
+    seconds = time.perf_counter() - t0
+    meta = {
+        "mode": cfg.mode, "method": cfg.method, "k": cfg.k, "dup_threshold": cfg.dup_threshold,
+        "min_similarity": cfg.min_similarity, "seed": cfg.seed, "n": n, "device": cfg.device,
+        "candidate_pool": {"exact": "all",
+                           "subset": {"candidates": min(cfg.candidates, n), "redraw_every": cfg.redraw_every},
+                           "ann": {"nlist": int(len(run.cells["probes"])) if run.cells else None,
+                                   "nprobe": cfg.nprobe}}[cfg.mode],
+        "world_size": world,
+        "timings": {"mine_seconds": round(seconds, 3), "index_seconds": round(t_index, 3),
+                    "pairs_per_second": round(n / max(seconds, 1e-9), 1)},
+        "padded_rows": int((indices[:, -1] < 0).sum()),
+    }
+    if cfg.mode != "exact" and cfg.recall_sample > 0:
+        sample = np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=min(cfg.recall_sample, n), replace=False))
+        exact_idx, _ = run.search(sample, mode="exact")
+        meta["recall_estimate"] = {"recall_at_k": round(recall_at_k(indices[sample], exact_idx), 4),
+                                   "sample": int(len(sample))}
+        log.info("%s mode: estimated recall@%d against exact search %.4f (on %d targets)",
+                 cfg.mode, cfg.k, meta["recall_estimate"]["recall_at_k"], len(sample))
+    meta.update(extra_meta or {})
+    pairs = HardPairs(indices=indices, scores=scores, meta=meta)
+    if out_dir is not None:
+        if rank == 0:
+            save_hard_pairs(out_dir, pairs)
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+    log.info("mined %d pairs in %.1fs (%d rows with fewer than k=%d hard pairs)",
+             n, seconds, meta["padded_rows"], cfg.k)
+    return pairs

@@ -1,0 +1,127 @@
+"""Subset and ANN modes, resumable chunked runs, and a two-process (gloo) sharded run."""
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from helip.errors import InputError
+from helip.mining import load_hard_pairs, mine_hard_pairs
+from helip.mining import mine as mine_module
+from helip.mining.ann import recall_at_k
+
+
+def clustered(n=1200, d=16, clusters=30, seed=0):
+    """Pairs in clusters, text and image correlated through a shared latent, plus exact duplicates."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(clusters, 8))[rng.integers(0, clusters, n)] + 0.3 * rng.normal(size=(n, 8))
+    txt = z @ rng.normal(size=(8, d)) + 0.5 * rng.normal(size=(n, d))
+    img = z @ rng.normal(size=(8, d)) + 0.5 * rng.normal(size=(n, d))
+    txt[1], img[1] = txt[0], img[0]  # a near-duplicate pair
+    return img.astype(np.float32), txt.astype(np.float32)
+
+
+def assert_valid_rows(indices, n):
+    for i, row in enumerate(indices):
+        valid = row[row >= 0]
+        assert i not in valid
+        assert len(set(valid.tolist())) == len(valid)
+        assert (row[len(valid):] == -1).all(), "padding only at the end"
+        assert valid.max(initial=-1) < n
+
+
+@pytest.mark.parametrize("mode,opts", [("subset", {"candidates": 300, "redraw_every": 250}),
+                                       ("ann", {"nprobe": 4})])
+def test_approximate_modes_give_valid_deterministic_rows(mode, opts):
+    img, txt = clustered()
+    a = mine_hard_pairs(img, txt, k=8, mode=mode, progress=False, seed=3, **opts)
+    b = mine_hard_pairs(img, txt, k=8, mode=mode, progress=False, seed=3, **opts)
+    assert_valid_rows(a.indices, len(img))
+    assert (a.indices == b.indices).all()
+    assert 0 not in a.indices[1] and 1 not in a.indices[0]  # near-duplicates excluded
+    assert "recall_estimate" in a.meta and 0 <= a.meta["recall_estimate"]["recall_at_k"] <= 1
+
+
+def test_ann_recall_is_high_and_estimate_is_honest():
+    img, txt = clustered()
+    exact = mine_hard_pairs(img, txt, k=8, progress=False)
+    ann = mine_hard_pairs(img, txt, k=8, mode="ann", nprobe=6, progress=False)
+    recall = recall_at_k(ann.indices, exact.indices)
+    assert recall > 0.9
+    assert abs(ann.meta["recall_estimate"]["recall_at_k"] - recall) < 0.1
+    # where ANN found the same pair, it scored it exactly as exact mode did
+    same = ann.indices == exact.indices
+    assert np.allclose(ann.scores[same], exact.scores[same], atol=1e-6)
+
+
+def test_subset_with_full_pool_equals_exact():
+    img, txt = clustered(n=300)
+    exact = mine_hard_pairs(img, txt, k=5, progress=False)
+    sub = mine_hard_pairs(img, txt, k=5, mode="subset", candidates=10_000, progress=False)
+    assert (sub.indices == exact.indices).all()
+
+
+def test_resume_after_kill_gives_identical_files(tmp_path, monkeypatch):
+    img, txt = clustered(n=700)
+    opts = dict(k=6, mode="ann", nprobe=4, chunk_size=100, progress=False, extra_meta={"fingerprint": {"count": 700}})
+    whole = mine_hard_pairs(img, txt, out_dir=tmp_path / "whole", **opts)
+
+    calls = {"n": 0}
+    original = mine_module._Run.search
+
+    def dying(self, rows, on_block=lambda n: None, mode=None):
+        if mode is None:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise KeyboardInterrupt("simulated kill")
+        return original(self, rows, on_block, mode)
+
+    monkeypatch.setattr(mine_module._Run, "search", dying)
+    with pytest.raises(KeyboardInterrupt):
+        mine_hard_pairs(img, txt, out_dir=tmp_path / "resumed", **opts)
+    partial = tmp_path / "resumed" / ".partial"
+    assert len(list(partial.glob("chunk_*.npz"))) == 3
+    assert not (tmp_path / "resumed" / "meta.json").exists(), "an interrupted run must not look complete"
+    monkeypatch.setattr(mine_module._Run, "search", original)
+    resumed_calls = []
+    monkeypatch.setattr(mine_module._Run, "search",
+                        lambda self, rows, on_block=lambda n: None, mode=None:
+                        resumed_calls.append(mode) or original(self, rows, on_block, mode))
+    mine_hard_pairs(img, txt, out_dir=tmp_path / "resumed", **opts)
+    assert resumed_calls.count(None) == 4, "only the 4 unfinished chunks are searched again"
+    assert not partial.exists()
+    for name in ("hard_pairs.npy", "hard_scores.npy"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+    assert (load_hard_pairs(tmp_path / "resumed").indices == whole.indices).all()
+
+
+def test_unwritable_output_and_zero_rows(tmp_path):
+    img, txt = clustered(n=50)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(InputError, match="cannot write"):
+        mine_hard_pairs(img, txt, k=3, out_dir=blocker / "out", progress=False)
+    img[7] = 0
+    with pytest.raises(InputError, match="row 7"):
+        mine_hard_pairs(img, txt, k=3, progress=False)
+
+
+def _worker(rank, world, init_file, out_dir, mode):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    img, txt = clustered(n=500)
+    mine_hard_pairs(img, txt, k=5, mode=mode, nprobe=4, chunk_size=64, out_dir=out_dir, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["exact", "ann"])
+def test_two_process_gloo_run_equals_single_process(tmp_path, mode):
+    img, txt = clustered(n=500)
+    single = mine_hard_pairs(img, txt, k=5, mode=mode, nprobe=4, chunk_size=64, progress=False)
+    out = tmp_path / "sharded"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), mode), nprocs=2, join=True)
+    sharded = load_hard_pairs(out)
+    assert sharded.meta["world_size"] == 2
+    assert (sharded.indices == single.indices).all()
+    assert np.array_equal(sharded.scores, single.scores)
+    assert not (out / ".partial").exists()
