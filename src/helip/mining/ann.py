@@ -24,7 +24,8 @@ from .score import candidate_scores, select_topk
 
 
 def default_nlist(n: int) -> int:
-    return int(max(1, min(n // 16, round(2 * np.sqrt(n)))))
+    """About 2 sqrt(N) cells, but at least 39 pairs per cell (what FAISS's k-means asks for)."""
+    return int(max(1, min(n // 39, round(2 * np.sqrt(n)))))
 
 
 def joint(txt: torch.Tensor, img: torch.Tensor, method: str) -> np.ndarray:
@@ -32,7 +33,12 @@ def joint(txt: torch.Tensor, img: torch.Tensor, method: str) -> np.ndarray:
         return np.ascontiguousarray(txt.cpu().numpy())
     if method == "image":
         return np.ascontiguousarray(img.cpu().numpy())
-    return np.ascontiguousarray(torch.cat([txt, img], dim=1).cpu().numpy() / np.sqrt(2.0), dtype=np.float32)
+    # filled in place: one [N, dt + di] float32 array, no temporaries of that size
+    out = np.empty((len(txt), txt.shape[1] + img.shape[1]), dtype=np.float32)
+    out[:, :txt.shape[1]] = txt.cpu().numpy()
+    out[:, txt.shape[1]:] = img.cpu().numpy()
+    out *= np.float32(1 / np.sqrt(2.0))
+    return out
 
 
 def build_cells(x: np.ndarray, nlist: int, nprobe: int, seed: int, train_points: int = 64) -> Dict[str, np.ndarray]:

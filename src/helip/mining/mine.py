@@ -96,7 +96,7 @@ def _normalised(x: np.ndarray, what: str, device: str) -> torch.Tensor:
         bad = int((norms == 0).nonzero()[0, 0])
         raise InputError(f"{what} embedding of row {bad} is all zeros and has no direction; "
                          f"fix or drop that pair and re-run `helip embed`.")
-    return torch.nn.functional.normalize(t, dim=1)
+    return t.div_(norms.unsqueeze(1))  # in place: no second [N, d] copy
 
 
 def _dist() -> tuple:
@@ -175,6 +175,10 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     to meta.json); under torchrun every rank must call this with the same
     arguments, and all ranks return the merged result.
     """
+    unknown = set(overrides) - set(MineConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown mining option(s) {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(MineConfig.__dataclass_fields__)}.")
     cfg = MineConfig(**{**asdict(config or MineConfig()), **overrides})
     if len(image_embeddings) != len(text_embeddings):
         raise InputError(f"image and text embeddings have {len(image_embeddings)} and {len(text_embeddings)} rows; "

@@ -27,7 +27,7 @@ def candidate_scores(
     text_c: torch.Tensor, image_c: torch.Tensor, c_idx: torch.Tensor,
     method: str, dup_threshold: float, min_similarity: float,
 ) -> torch.Tensor:
-    """Scores [b, m] of targets (global indices ``q_idx``) against candidates ``c_idx``.
+    """Scores [b, m] of targets (global indices ``q_idx``) against candidates ``c_idx`` (sorted, unique).
 
     Excluded candidates get -inf. Inputs are L2-normalised float32 rows.
     """
@@ -42,7 +42,10 @@ def candidate_scores(
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     excluded = (ct > dup_threshold) | (ci > dup_threshold) | (ct <= min_similarity) | (ci <= min_similarity)
-    excluded |= q_idx[:, None] == c_idx[None, :]
+    # the target itself: candidates are sorted, so find each target's column instead of comparing [b, m]
+    pos = torch.searchsorted(c_idx, q_idx).clamp_(max=len(c_idx) - 1)
+    hit = c_idx[pos] == q_idx
+    excluded[torch.arange(len(q_idx), device=q_idx.device)[hit], pos[hit]] = True
     return score.masked_fill_(excluded, float("-inf"))
 
 
