@@ -229,6 +229,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
             idx, sc = results[c]
         indices[c * cfg.chunk_size:c * cfg.chunk_size + len(idx)] = idx
         scores[c * cfg.chunk_size:c * cfg.chunk_size + len(idx)] = sc
+    _barrier()  # every rank has read every chunk before rank 0 may remove them
     seconds = time.perf_counter() - t0
     meta = {
         "mode": cfg.mode, "method": cfg.method, "k": cfg.k, "dup_threshold": cfg.dup_threshold,
