@@ -74,6 +74,8 @@ from typing import Optional
 
 import numpy as np
 
+from helip.io import save_json
+
 D = 256                 # embedding width per modality
 LATENT = 64             # width of the shared latent space
 PAIRS_PER_CLUSTER = 50
@@ -202,38 +204,21 @@ def authors_mine(img: np.ndarray, txt: np.ndarray, k: int, dup_threshold: float 
 
 
 def brute_force_rows(img: np.ndarray, txt: np.ndarray, rows: np.ndarray, k: int,
-                     dup_threshold: float = DUP_THRESHOLD, min_similarity: float = 0.0,
-                     row_block: int = 512, cand_block: int = 32768) -> np.ndarray:
-    """helip's rules, independently: top-k indices [len(rows), k] of the given targets against all N.
+                     dup_threshold: float = DUP_THRESHOLD, min_similarity: float = 0.0) -> np.ndarray:
+    """Exact top-k indices [len(rows), k] of the given targets against all N, with helip's rules.
 
-    Excluded: the target, either cosine > dup_threshold, either cosine <= min_similarity;
-    -1 where fewer than k qualify. Memory O(row_block x cand_block); inputs may be memmaps.
+    helip's own exact search (``helip.mining.exact.search_exact``) restricted to ``rows``,
+    so a sampled recall needs no full exact run.
     """
     import torch
 
-    n = len(img)
-    out = np.full((len(rows), k), -1, dtype=np.int32)
-    for r0 in range(0, len(rows), row_block):
-        q = np.asarray(rows[r0:r0 + row_block])
-        qt = torch.from_numpy(np.asarray(txt[q], dtype=np.float32))
-        qi = torch.from_numpy(np.asarray(img[q], dtype=np.float32))
-        best_v = torch.full((len(q), k), float("-inf"))
-        best_i = torch.full((len(q), k), -1, dtype=torch.int64)
-        for c0 in range(0, n, cand_block):
-            c1 = min(c0 + cand_block, n)
-            ct = qt @ torch.from_numpy(np.asarray(txt[c0:c1], dtype=np.float32)).T
-            ci = qi @ torch.from_numpy(np.asarray(img[c0:c1], dtype=np.float32)).T
-            bad = (ct > dup_threshold) | (ci > dup_threshold) | (ct <= min_similarity) | (ci <= min_similarity)
-            own = torch.from_numpy(q)
-            inside = (own >= c0) & (own < c1)
-            bad[torch.nonzero(inside).squeeze(1), own[inside] - c0] = True
-            s = (ct * ci).masked_fill_(bad, float("-inf"))
-            v, i = torch.topk(torch.cat([best_v, s], 1), k, dim=1)
-            cand_idx = torch.cat([best_i, torch.arange(c0, c1).expand(len(q), -1)], 1)
-            best_v, best_i = v, torch.gather(cand_idx, 1, i)
-        best_i[torch.isinf(best_v)] = -1
-        out[r0:r0 + len(q)] = best_i.numpy()
-    return out
+    from helip.mining.exact import search_exact
+
+    def unit(x):
+        return torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, dtype=np.float32)), dim=1)
+
+    return search_exact(unit(txt), unit(img), np.asarray(rows), k, "hpm", dup_threshold, min_similarity,
+                        block_size=512)[0]
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -546,19 +531,8 @@ def summary(report: dict) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    """JSON, atomically (temp file in the same directory, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_jsonable)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """JSON, atomically (helip's own writer), with numpy values made plain."""
+    save_json(path, json.loads(json.dumps(obj, default=_jsonable)))
 
 
 def _jsonable(x):

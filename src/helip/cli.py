@@ -75,11 +75,7 @@ def cmd_mine(args) -> None:
     from .mining import MineConfig, mine_hard_pairs, write_csv
 
     img, txt, meta = load_embeddings(Path(args.embeddings))
-    cfg = MineConfig(k=args.k, mode=args.mode, method=args.method, dup_threshold=args.dup_threshold,
-                     min_similarity=args.min_similarity, block_size=args.block_size, device=args.device,
-                     seed=args.seed, candidates=args.candidates, redraw_every=args.redraw_every,
-                     nlist=args.nlist, nprobe=args.nprobe, recall_sample=args.recall_sample,
-                     chunk_size=args.chunk_size)
+    cfg = MineConfig(**{name: getattr(args, name) for name in MineConfig.__dataclass_fields__ if hasattr(args, name)})
     rank = _init_distributed(args.device)
     extra = {"fingerprint": meta.get("fingerprint"), "embeddings": str(Path(args.embeddings).resolve())}
     hard = mine_hard_pairs(img, txt, cfg, out_dir=Path(args.out), extra_meta=extra)
@@ -105,10 +101,9 @@ def _init_distributed(device: str) -> int:
 
 
 def cmd_train(args) -> None:
+    from .io import fingerprint
     from .mining import load_hard_pairs
     from .train import TrainConfig, train
-
-    from .io import fingerprint
 
     split = _world_split(args)
     # check the hard pairs belong to this dataset before any expensive work
@@ -136,10 +131,11 @@ def cmd_eval(args) -> None:
               for s, n in (("train", args.n_probe_train), ("val", args.n_val), ("test", args.n_test))}
     tasks = {s: world.zeroshot_tasks(splits[s]) for s in ("val", "test")}
     labels = {s: world.probe_labels(splits[s]) for s in splits}
-    results = {}
+    results, t = {}, None
     for name, ckpt in zip(args.name, args.pretrained):
         lm = load_model(args.model, ckpt)
-        t = {s: prepare_pairs(splits[s].images, splits[s].captions, lm) for s in splits}
+        if t is None:  # one --model for every checkpoint: the same transform and tokenizer, prepared once
+            t = {s: prepare_pairs(splits[s].images, splits[s].captions, lm) for s in splits}
         r = evaluate_model(lm, {"val": t["val"], "test": t["test"]}, tasks, labels, t["train"],
                            EvalConfig(device=args.device))
         results[name] = {**r["test"], "val": r["val"], "checkpoint": ckpt}
@@ -195,23 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512)
     p.set_defaults(func=cmd_embed)
 
+    from .mining import MODES, MineConfig
+    from .mining.score import METHODS
+
+    m = MineConfig()
     p = sub.add_parser("mine", help="mine hard pairs from an embeddings directory")
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--k", type=int, default=50)
-    p.add_argument("--mode", default="exact", choices=["exact", "subset", "ann"])
-    p.add_argument("--method", default="hpm", choices=["hpm", "text", "image"])
-    p.add_argument("--dup-threshold", type=float, default=0.98)
-    p.add_argument("--min-similarity", type=float, default=0.0)
-    p.add_argument("--block-size", type=int, default=1024)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--candidates", type=int, default=3_000_000, help="subset mode: random candidate pool size")
-    p.add_argument("--redraw-every", type=int, default=300_000, help="subset mode: targets per candidate pool")
-    p.add_argument("--nlist", type=int, default=0, help="ann mode: k-means cells (0: about 2 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=16, help="ann mode: cells searched per target's cell")
-    p.add_argument("--recall-sample", type=int, default=200, help="targets checked against exact search")
-    p.add_argument("--chunk-size", type=int, default=65536, help="targets per resumable chunk")
+    p.add_argument("--k", type=int, default=m.k)
+    p.add_argument("--mode", default=m.mode, choices=MODES)
+    p.add_argument("--method", default=m.method, choices=METHODS)
+    p.add_argument("--dup-threshold", type=float, default=m.dup_threshold)
+    p.add_argument("--min-similarity", type=float, default=m.min_similarity)
+    p.add_argument("--block-size", type=int, default=m.block_size)
+    p.add_argument("--device", default=m.device)
+    p.add_argument("--seed", type=int, default=m.seed)
+    p.add_argument("--candidates", type=int, default=m.candidates, help="subset mode: random candidate pool size")
+    p.add_argument("--redraw-every", type=int, default=m.redraw_every, help="subset mode: targets per pool")
+    p.add_argument("--nlist", type=int, default=m.nlist, help="ann mode: k-means cells (0: about 2 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=m.nprobe, help="ann mode: cells searched per target's cell")
+    p.add_argument("--recall-sample", type=int, default=m.recall_sample, help="targets checked against exact")
+    p.add_argument("--chunk-size", type=int, default=m.chunk_size, help="targets per resumable chunk")
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")
     p.set_defaults(func=cmd_mine)
 

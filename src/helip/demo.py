@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -27,7 +28,7 @@ from .data.pairs import PairTensors, prepare_pairs
 from .embed import EmbedConfig, embed, load_embeddings
 from .evaluate import EvalConfig, evaluate_model
 from .io import save_json
-from .mining import MineConfig, mine_hard_pairs, save_hard_pairs
+from .mining import MineConfig, mine_hard_pairs
 from .models import CONFIG_DIR, load_model
 from .train import TrainConfig, train
 
@@ -128,15 +129,12 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     timings: Dict[str, float] = {}
 
+    @contextmanager
     def stage(name):
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                log.info("== %s", name)
-
-            def __exit__(self, *exc):
-                timings[name] = round(time.perf_counter() - self.t, 2)
-        return _T()
+        log.info("== %s", name)
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 2)
 
     with stage("world"):
         w = build_world(cfg)
@@ -151,9 +149,8 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
 
     with stage("mine"):
         img, txt, emb_meta = load_embeddings(emb_dir, tensors["train"].fingerprint())
-        hard = mine_hard_pairs(img, txt, cfg.mine)
-        hard.meta["fingerprint"] = emb_meta["fingerprint"]
-        save_hard_pairs(out / "hard_pairs", hard)
+        hard = mine_hard_pairs(img, txt, cfg.mine, out_dir=out / "hard_pairs",
+                               extra_meta={"fingerprint": emb_meta["fingerprint"]})
 
     runs = {}
     with stage("train_baseline"):
@@ -178,9 +175,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
         "continued_training": asdict(cfg.continued), "mining": hard.meta, "timings_seconds": timings,
         "reported_split": "test",
     }
-    save_json(out / "results.json", results)
     with stage("report"):
         write_report(out, results, {k: r.history for k, r in runs.items()}, splits["train"], hard)
-    results["meta"]["timings_seconds"] = timings
-    save_json(out / "results.json", results)
+    save_json(out / "results.json", results)  # last, so its timings include the report
     return results

@@ -15,7 +15,7 @@ modality alone.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -58,21 +58,25 @@ def build_cells(x: np.ndarray, nlist: int, nprobe: int, seed: int, train_points:
     return {"assign": assign[:, 0].astype(np.int64), "probes": probes.astype(np.int64)}
 
 
+def group(labels: np.ndarray, n_groups: int) -> List[np.ndarray]:
+    """Positions of each label 0..n_groups-1 in ``labels``, ascending within a group."""
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], np.arange(n_groups + 1))
+    return [order[starts[g]:starts[g + 1]] for g in range(n_groups)]
+
+
 def search_ann(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, method: str,
-               dup_threshold: float, min_similarity: float, block_size: int, cells: Dict[str, np.ndarray],
+               dup_threshold: float, min_similarity: float, block_size: int, cells: Dict,
                on_block: Callable[[int], None] = lambda n: None) -> Tuple[np.ndarray, np.ndarray]:
-    """Hard pairs of targets ``rows``, each scored against the members of its cell's probe cells."""
-    assign, probes = cells["assign"], cells["probes"]
-    order = np.argsort(assign, kind="stable")
-    starts = np.searchsorted(assign[order], np.arange(len(probes) + 1))
-    members = [order[starts[c]:starts[c + 1]] for c in range(len(probes))]
+    """Hard pairs of targets ``rows``, each scored against the members of its cell's probe cells.
+
+    ``cells`` holds ``assign`` (cell of each pair), ``probes`` [nlist, nprobe] and ``members`` (the
+    pairs of each cell, from ``group``).
+    """
+    probes, members = cells["probes"], cells["members"]
     out_i = np.empty((len(rows), k), dtype=np.int32)
     out_s = np.empty((len(rows), k), dtype=np.float32)
-    row_cells = assign[rows]
-    by_cell = np.argsort(row_cells, kind="stable")
-    cell_starts = np.searchsorted(row_cells[by_cell], np.arange(len(probes) + 1))
-    for c in range(len(probes)):
-        pos = by_cell[cell_starts[c]:cell_starts[c + 1]]
+    for c, pos in enumerate(group(cells["assign"][rows], len(probes))):
         if len(pos) == 0:
             continue
         cand = torch.as_tensor(np.sort(np.concatenate([members[p] for p in probes[c] if p >= 0])),

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
 from ..io import save_json, save_npy, save_with
-from .ann import build_cells, default_nlist, joint, recall_at_k, search_ann
+from .ann import build_cells, default_nlist, group, joint, recall_at_k, search_ann
 from .exact import search_exact
 from .score import METHODS
 from .store import HardPairs, save_hard_pairs
@@ -118,19 +118,25 @@ class _Run:
         self.cells = None
 
     def prepare_cells(self, partial: Optional[Path], rank: int) -> None:
+        """ANN only: build the cells (rank 0, once per resumable run, saved beside the chunks) or load them."""
         if self.cfg.mode != "ann":
             return
-        nlist = self.cfg.nlist or default_nlist(self.n)
-        paths = [partial / "cells_assign.npy", partial / "cells_probes.npy"] if partial else []
-        if partial is not None and rank == 0 and not all(p.is_file() for p in paths):
-            cells = build_cells(joint(self.txt, self.img, self.cfg.method), nlist, self.cfg.nprobe, self.cfg.seed)
-            save_npy(paths[0], cells["assign"])
-            save_npy(paths[1], cells["probes"])
-        _barrier()
-        if partial is not None:
-            self.cells = {"assign": np.load(paths[0]), "probes": np.load(paths[1])}
-        else:
+        paths = {name: partial / f"cells_{name}.npy" for name in ("assign", "probes")} if partial else {}
+        if not paths or (rank == 0 and not all(p.is_file() for p in paths.values())):
+            nlist = self.cfg.nlist or default_nlist(self.n)
             self.cells = build_cells(joint(self.txt, self.img, self.cfg.method), nlist, self.cfg.nprobe, self.cfg.seed)
+            for name, p in paths.items():
+                save_npy(p, self.cells[name])
+        _barrier()
+        if paths:
+            self.cells = {name: np.load(p) for name, p in paths.items()}
+        self.cells["members"] = group(self.cells["assign"], len(self.cells["probes"]))
+
+    def target_order(self) -> np.ndarray:
+        """The order in which targets are chunked: by cell for ANN, so a chunk holds whole cells."""
+        if self.cfg.mode == "ann":
+            return np.concatenate(self.cells["members"])
+        return np.arange(self.n)
 
     def search(self, rows: np.ndarray, on_block=lambda n: None, mode: Optional[str] = None):
         c = self.cfg
@@ -199,36 +205,32 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     t0 = time.perf_counter()
     run.prepare_cells(partial, rank)
     t_index = time.perf_counter() - t0
-    chunks = list(range(rank, -(-n // cfg.chunk_size), world))
-    results = {}
-    mine_rows = sum(min(cfg.chunk_size, n - c * cfg.chunk_size) for c in chunks)
-    with tqdm(total=mine_rows, unit="pair", desc=f"mining ({cfg.mode})", disable=not cfg.progress) as bar:
-        for c in chunks:
-            path = partial / f"chunk_{c:06d}.npz" if partial is not None else None
-            if path is not None and path.is_file():
-                bar.update(min(cfg.chunk_size, n - c * cfg.chunk_size))
+    order = run.target_order()
+    n_chunks = -(-n // cfg.chunk_size)
+    rows_of = [order[c * cfg.chunk_size:(c + 1) * cfg.chunk_size] for c in range(n_chunks)]
+    chunk_path = [partial / f"chunk_{c:06d}.npz" if partial is not None else None for c in range(n_chunks)]
+    indices = np.empty((n, cfg.k), dtype=np.int32)
+    scores = np.empty((n, cfg.k), dtype=np.float32)
+    done_here = set()  # chunks this process searched: already in the arrays, not read back from disk
+    mine_chunks = range(rank, n_chunks, world)
+    with tqdm(total=sum(len(rows_of[c]) for c in mine_chunks), unit="pair", desc=f"mining ({cfg.mode})",
+              disable=not cfg.progress) as bar:
+        for c in mine_chunks:
+            if chunk_path[c] is not None and chunk_path[c].is_file():
+                bar.update(len(rows_of[c]))
                 continue
-            rows = np.arange(c * cfg.chunk_size, min(n, (c + 1) * cfg.chunk_size))
-            idx, sc = run.search(rows, on_block=bar.update)
-            if path is not None:
+            idx, sc = run.search(rows_of[c], on_block=bar.update)
+            indices[rows_of[c]], scores[rows_of[c]] = idx, sc
+            done_here.add(c)
+            if chunk_path[c] is not None:
                 def write(tmp, idx=idx, sc=sc):
                     with open(tmp, "wb") as f:
                         np.savez(f, indices=idx, scores=sc)
-                save_with(path, write)
-            else:
-                results[c] = (idx, sc)
+                save_with(chunk_path[c], write)
     _barrier()
-    n_chunks = -(-n // cfg.chunk_size)
-    indices = np.empty((n, cfg.k), dtype=np.int32)
-    scores = np.empty((n, cfg.k), dtype=np.float32)
-    for c in range(n_chunks):
-        if partial is not None:
-            with np.load(partial / f"chunk_{c:06d}.npz") as z:
-                idx, sc = z["indices"], z["scores"]
-        else:
-            idx, sc = results[c]
-        indices[c * cfg.chunk_size:c * cfg.chunk_size + len(idx)] = idx
-        scores[c * cfg.chunk_size:c * cfg.chunk_size + len(idx)] = sc
+    for c in set(range(n_chunks)) - done_here:  # finished by another rank or by an earlier, killed run
+        with np.load(chunk_path[c]) as z:
+            indices[rows_of[c]], scores[rows_of[c]] = z["indices"], z["scores"]
     _barrier()  # every rank has read every chunk before rank 0 may remove them
     seconds = time.perf_counter() - t0
     meta = {

@@ -23,17 +23,15 @@ def search_subset(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int
     m = min(candidates, n)
     out_i = np.empty((len(rows), k), dtype=np.int32)
     out_s = np.empty((len(rows), k), dtype=np.float32)
-    pools = {}
+    pool_id, c = None, None  # the current pool, redrawn when the targets cross into the next one
     for s in range(0, len(rows), block_size):
         block = rows[s:s + block_size]
         # a block may straddle a redraw boundary: score each part against its own pool
         for r in np.unique(block // redraw_every):
             part = np.flatnonzero(block // redraw_every == r)
-            if r not in pools:
-                pools.clear()
+            if r != pool_id:
                 pool = np.sort(np.random.default_rng([seed, int(r)]).choice(n, size=m, replace=False))
-                pools[r] = torch.as_tensor(pool, device=txt.device)
-            c = pools[r]
+                pool_id, c = r, torch.as_tensor(pool, device=txt.device)
             q = torch.as_tensor(block[part], device=txt.device)
             sc = candidate_scores(txt[q], img[q], q, txt[c], img[c], c, method, dup_threshold, min_similarity)
             out_i[s + part], out_s[s + part] = select_topk(sc, c, k)
