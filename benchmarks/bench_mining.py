@@ -171,35 +171,38 @@ def describe_similarities(img: np.ndarray, txt: np.ndarray, sample: int = 2000, 
 # --------------------------------------------------------------------------- reference miners
 
 def authors_mine(img: np.ndarray, txt: np.ndarray, k: int, dup_threshold: float = DUP_THRESHOLD,
-                 block: int = 600, return_scores: bool = False):
+                 block: int = 600, return_scores: bool = False, device: str = "cpu", targets: Optional[int] = None):
     """The authors' released mining procedure, re-implemented in torch on CPU. Indices [N, k].
 
     Per block of targets: dense fp32 text and image similarities against every pair,
     near-duplicates (either similarity above the threshold) and the target itself zeroed
     by index assignment, product, top-k. Inputs are already L2-normalised. With
     ``return_scores`` also returns the top-k scores [N, k] (for tie-tolerant comparison).
+    On ``device`` (the authors ran it on GPUs, in float32). ``targets`` mines only the
+    first that many targets (rows past them are left -1), for sizes where the whole run
+    would take too long; the benchmark then extrapolates its time.
     """
     import torch
 
-    txt_t = torch.from_numpy(np.ascontiguousarray(txt, dtype=np.float32))
-    img_t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    txt_t = torch.from_numpy(np.ascontiguousarray(txt, dtype=np.float32)).to(device)
+    img_t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)).to(device)
     n = txt_t.shape[0]
-    out = np.empty((n, k), dtype=np.int32)
-    out_scores = np.empty((n, k), dtype=np.float32)
+    out = np.full((n, k), -1, dtype=np.int32)
+    out_scores = np.full((n, k), -np.inf, dtype=np.float32)
     with torch.no_grad():
-        for start in range(0, n, block):
+        for start in range(0, min(n, targets or n), block):
             stop = min(start + block, n)
             sim_t = txt_t[start:stop] @ txt_t.T
             sim_i = img_t[start:stop] @ img_t.T
             sim_t[sim_t > dup_threshold] = 0
             sim_i[sim_i > dup_threshold] = 0
-            rows = torch.arange(stop - start)
+            rows = torch.arange(stop - start, device=device)
             sim_t[rows, rows + start] = 0
             sim_i[rows, rows + start] = 0
             score = sim_t * sim_i
             vals, idx = torch.topk(score, k, dim=1)
-            out[start:stop] = idx.numpy()
-            out_scores[start:stop] = vals.numpy()
+            out[start:stop] = idx.cpu().numpy()
+            out_scores[start:stop] = vals.cpu().numpy()
     return (out, out_scores) if return_scores else out
 
 
@@ -326,17 +329,22 @@ def worker_main(args: argparse.Namespace) -> int:
     txt = np.load(emb / "txt.npy")
     hwm = reset_peak_rss()
     baseline = _status_mb("VmRSS") if hwm else maxrss_mb()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.zeros(1, device=args.device)     # CUDA context created outside the timed call
+        torch.cuda.reset_peak_memory_stats()
     method, k = args.worker, args.k
-    options = {}
+    options = {"device": args.device}
     if method == "exact":
-        options = {"min_similarity": -1.0}
+        options.update(min_similarity=-1.0, precision=args.precision)
     elif method == "ann":
-        options = {key: v for key, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None}
+        options.update({key: v for key, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v is not None})
     result: dict = {"method": method, "options": options, "torch_threads": torch.get_num_threads()}
     try:
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         if method == "authors":
-            (indices, scores), meta = authors_mine(img, txt, k, return_scores=True), None
+            (indices, scores), meta = authors_mine(img, txt, k, return_scores=True, device=args.device,
+                                                   targets=args.authors_targets), None
         else:
             hp = mine_hard_pairs(img, txt, k=k, mode=method, progress=False, **options)
             indices, scores, meta = hp.indices, hp.scores, hp.meta
@@ -350,6 +358,13 @@ def worker_main(args: argparse.Namespace) -> int:
     result.update(baseline_rss_mb=round(baseline, 1), peak_rss_mb=round(peak, 1),
                   extra_rss_mb=round(peak - baseline, 1), ru_maxrss_mb=round(maxrss_mb(), 1),
                   peak_rss_source="VmHWM, reset after loading" if hwm else "ru_maxrss", meta=meta)
+    if cuda:
+        result["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
+    if method == "authors" and args.authors_targets and args.authors_targets < len(img):
+        done = args.authors_targets
+        result.update(targets_mined=done, seconds_measured=result["seconds"],
+                      seconds=round(result["seconds"] * len(img) / done, 3),
+                      seconds_note=f"extrapolated linearly from the first {done} of {len(img)} targets")
     np.savez(Path(args.worker_out).with_suffix(".npz"), indices=np.asarray(indices, dtype=np.int32),
              scores=np.asarray(scores, dtype=np.float32))
     write_json(Path(args.worker_out), result)
@@ -361,9 +376,9 @@ def run_worker(method: str, emb_dir: Path, args: argparse.Namespace) -> tuple[di
     out = emb_dir / f"{method}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--emb-dir", str(emb_dir),
            "--k", str(args.k), "--worker-out", str(out)]
-    for flag in ("threads", "nlist", "nprobe"):
+    for flag in ("threads", "nlist", "nprobe", "device", "precision", "authors_targets"):
         if getattr(args, flag) is not None:
-            cmd += [f"--{flag}", str(getattr(args, flag))]
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
@@ -465,7 +480,11 @@ def _exact_vs_authors(outputs: dict) -> dict:
     ex, au = outputs.get("exact"), outputs.get("authors")
     if ex is None or au is None:
         return {"identical_sets_fraction": None, "why": "exact or authors did not run"}
+    rows = np.flatnonzero(np.isfinite(au["scores"][:, 0]))   # the targets the authors' run mined
+    ex = {key: v[rows] for key, v in ex.items()}
+    au = {key: v[rows] for key, v in au.items()}
     out = set_agreement(ex["indices"], au["indices"], ex["scores"], au["scores"])
+    out["rows_compared"] = int(len(rows))
     out["rows_padded_in_exact"] = int((ex["indices"][:, -1] < 0).sum())
     out["note"] = ("exact ran with min_similarity=-1.0 so its candidate rules match the authors' "
                    "(helip's default 0.0 also drops non-positive cosines); rows can still differ where "
@@ -499,7 +518,8 @@ def machine_info(threads: Optional[int]) -> dict:
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "memory_gb": mem_gb, "numpy": np.__version__, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "faiss": faiss_version, "helip": helip_version}
+            "torch_threads": torch.get_num_threads(), "faiss": faiss_version, "helip": helip_version,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def summary(report: dict) -> str:
@@ -511,7 +531,9 @@ def summary(report: dict) -> str:
             if "error" in r:
                 lines.append(f"  {m:8s} error: {r['error']}")
             else:
-                lines.append(f"  {m:8s} {r['seconds']:9.2f} {r['extra_rss_mb']:13.0f} {r['peak_rss_mb']:12.0f}")
+                gpu = f"  GPU peak {r['peak_gpu_memory_mb']:.0f} MB" if "peak_gpu_memory_mb" in r else ""
+                note = f"  ({r['seconds_note']})" if "seconds_note" in r else ""
+                lines.append(f"  {m:8s} {r['seconds']:9.2f} {r['extra_rss_mb']:13.0f} {r['peak_rss_mb']:12.0f}{gpu}{note}")
         ratios = ", ".join(f"{key} {v}x" for key, v in e["speed_ratios"].items() if v is not None)
         if ratios:
             lines.append(f"  speed: {ratios}")
@@ -561,6 +583,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="fresh workers per method; the fastest is kept")
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's default)")
     p.add_argument("--tmpdir", default=None, help="where the temporary embeddings go (2 GB at N=1M)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every method runs")
+    p.add_argument("--precision", default="auto", help="exact mode's similarity precision (auto: fp16 on GPU)")
+    p.add_argument("--authors-targets", type=int, default=None,
+                   help="authors' procedure on only the first T targets, its time extrapolated to N")
     p.add_argument("--out", default="benchmarks/results/bench_mining.json")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--emb-dir", help=argparse.SUPPRESS)
@@ -587,6 +613,8 @@ def main(argv=None) -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "machine": machine_info(args.threads),
               "settings": {"k": args.k, "seed": args.seed, "d": D, "dup_threshold": DUP_THRESHOLD,
+                           "device": args.device, "precision": args.precision,
+                           "authors_targets": args.authors_targets,
                            "repeats": args.repeats, "threads": args.threads,
                            "ann_only_from": args.ann_only_from, "recall_sample": args.recall_sample,
                            "exact_options": {"min_similarity": -1.0},

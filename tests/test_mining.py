@@ -95,9 +95,10 @@ def check_against_reference(hp: HardPairs, ref_idx, ref_scores, k):
         assert (np.diff(hp.scores[i, :m]) <= 1e-7).all()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("block_size", [1, 7, 1000])
 @pytest.mark.parametrize("method", ["hpm", "text", "image"])
-def test_exact_mining_matches_brute_force(method, block_size):
+def test_exact_mining_matches_brute_force(method, block_size, precision):
     img, txt = make_embeddings()
     ref_idx, ref_scores, ct, ci, score = brute_force(img, txt, K, method)
     assert_no_borderline(ct, ci, score, ref_idx, 0.98, 0.0, K)
@@ -105,10 +106,37 @@ def test_exact_mining_matches_brute_force(method, block_size):
     lengths = [len(r) for r in ref_idx]
     assert min(lengths) < K and max(lengths) == K
 
-    hp = mine_hard_pairs(img, txt, k=K, method=method, progress=False, block_size=block_size)
+    hp = mine_hard_pairs(img, txt, k=K, method=method, progress=False, block_size=block_size, precision=precision)
     check_against_reference(hp, ref_idx, ref_scores, K)
+    assert hp.meta["precision"] == precision
     assert hp.meta["method"] == method and hp.meta["k"] == K and hp.meta["n"] == N
     assert hp.meta["padded_rows"] == sum(length < K for length in lengths)
+
+
+@pytest.mark.parametrize("method", ["hpm", "text", "image"])
+def test_low_precision_fallback_keeps_results_exact(method):
+    """With almost no slack most rows cannot be certified from the fp16 pass; the fp32 fallback must make
+    them exact anyway, and with the default slack the certificate holds for most rows of clustered data."""
+    from helip.mining.exact import search_exact, search_exact_lowp
+    import torch
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 32))
+    x = centres[rng.integers(20, size=600)]
+    txt = torch.nn.functional.normalize(torch.tensor(x + 0.5 * rng.normal(size=x.shape), dtype=torch.float32), dim=1)
+    img = torch.nn.functional.normalize(torch.tensor(x + 0.7 * rng.normal(size=x.shape), dtype=torch.float32), dim=1)
+    rows = np.arange(600)
+    ref_i, ref_s = search_exact(txt, img, rows, 8, method, 0.98, 0.0, 128)
+    for slack, most_certified in ((1, False), (0, True)):
+        stats = {}
+        got_i, got_s = search_exact_lowp(txt, img, rows, 8, method, 0.98, 0.0, 128, precision="fp16",
+                                         slack=slack, stats=stats)
+        assert (np.sort(got_i, 1) == np.sort(ref_i, 1)).all()
+        np.testing.assert_allclose(got_s, ref_s, atol=1e-5)
+        if most_certified:
+            assert stats["fallback_rows"] < 0.2 * len(rows)
+        else:
+            assert stats["fallback_rows"] > 0  # the fallback path ran
 
 
 def test_non_default_thresholds_match_brute_force():

@@ -96,6 +96,9 @@ def _init_distributed(device: str) -> int:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):  # one GPU per process: "cuda" means this rank's own
+            import torch
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-similarity", type=float, default=m.min_similarity)
     p.add_argument("--block-size", type=int, default=m.block_size)
     p.add_argument("--device", default=m.device)
+    p.add_argument("--precision", default=m.precision, choices=("auto", "fp32", "fp16", "bf16"),
+                   help="exact mode's similarity matmuls; low precision is re-scored in fp32 and certified "
+                        "exact (auto: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=m.seed)
     p.add_argument("--candidates", type=int, default=m.candidates, help="subset mode: random candidate pool size")
     p.add_argument("--redraw-every", type=int, default=m.redraw_every, help="subset mode: targets per pool")

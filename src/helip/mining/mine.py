@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, InputError
 from ..io import save_json, save_npy, save_with
 from .ann import build_cells, default_nlist, group, joint, recall_at_k, search_ann
-from .exact import search_exact
+from .exact import PRECISIONS, search_exact, search_exact_lowp
 from .score import METHODS
 from .store import HardPairs, save_hard_pairs
 from .subset import search_subset
@@ -47,6 +47,7 @@ class MineConfig:
     min_similarity: float = 0.0
     block_size: int = 1024         # targets scored at once: memory O(block_size x candidates)
     device: str = "cpu"
+    precision: str = "auto"        # exact: similarity matmuls in fp32 | fp16 | bf16 (auto: fp16 on GPU, fp32 on CPU)
     seed: int = 0
     candidates: int = 3_000_000    # subset: size of the random candidate pool
     redraw_every: int = 300_000    # subset: targets per pool
@@ -61,6 +62,8 @@ class MineConfig:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}.")
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.precision not in ("auto",) + PRECISIONS:
+            raise ConfigError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.k < 1:
             raise ConfigError(f"k must be at least 1, got {self.k}.")
         if self.k > n - 1:
@@ -77,9 +80,15 @@ class MineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu.")
 
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "fp16" if self.device.startswith("cuda") else "fp32"
+
     def search_key(self, n: int) -> str:
         """Identity of the result (not of how fast it is computed): guards resumed partial chunks."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("progress", "device", "block_size")}
+        keep = {k: v for k, v in asdict(self).items()
+                if k not in ("progress", "device", "block_size", "precision")}  # same result either way
         return hashlib.sha256(json.dumps({"n": n, **keep}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -116,6 +125,7 @@ class _Run:
     def __init__(self, img: torch.Tensor, txt: torch.Tensor, cfg: MineConfig):
         self.img, self.txt, self.cfg, self.n = img, txt, cfg, len(img)
         self.cells = None
+        self.stats = {"fallback_rows": 0}
 
     def prepare_cells(self, partial: Optional[Path], rank: int) -> None:
         """ANN only: build the cells (rank 0, once per resumable run, saved beside the chunks) or load them."""
@@ -143,6 +153,9 @@ class _Run:
         common = (self.txt, self.img, rows, c.k, c.method, c.dup_threshold, c.min_similarity, c.block_size)
         mode = mode or c.mode
         if mode == "exact":
+            if c.resolved_precision() != "fp32":
+                return search_exact_lowp(*common, precision=c.resolved_precision(), on_block=on_block,
+                                         stats=self.stats)
             return search_exact(*common, on_block=on_block)
         if mode == "subset":
             return search_subset(*common, c.candidates, c.redraw_every, c.seed, on_block=on_block)
@@ -236,6 +249,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     meta = {
         "mode": cfg.mode, "method": cfg.method, "k": cfg.k, "dup_threshold": cfg.dup_threshold,
         "min_similarity": cfg.min_similarity, "seed": cfg.seed, "n": n, "device": cfg.device,
+        "precision": cfg.resolved_precision(),
         "candidate_pool": {"exact": "all",
                            "subset": {"candidates": min(cfg.candidates, n), "redraw_every": cfg.redraw_every},
                            "ann": {"nlist": int(len(run.cells["probes"])) if run.cells else None,
@@ -245,6 +259,9 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
                     "pairs_per_second": round(n / max(seconds, 1e-9), 1)},
         "padded_rows": int((indices[:, -1] < 0).sum()),
     }
+    if cfg.mode == "exact" and cfg.resolved_precision() != "fp32":
+        # rows whose low-precision pass could not certify the top-k and were recomputed in float32
+        meta["fp32_fallback_rows_this_process"] = run.stats["fallback_rows"]
     if cfg.mode != "exact" and cfg.recall_sample > 0:
         sample = np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=min(cfg.recall_sample, n), replace=False))
         exact_idx, _ = run.search(sample, mode="exact")
