@@ -106,12 +106,17 @@ def search_exact_lowp(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k:
     out_i = np.empty((len(rows), k), dtype=np.int32)
     out_s = np.empty((len(rows), k), dtype=np.float32)
     fallback = []
-    scorer = _compiled_scores() if txt.is_cuda else _low_precision_scores
     with torch.no_grad(), _full_precision_accumulation():
         for s in range(0, len(rows), block_size):
             q = torch.as_tensor(rows[s:s + block_size], device=txt.device)
             b = len(q)
-            score = scorer(txt_l[q] @ txt_l.T, img_l[q] @ img_l.T, hi, lo, method)
+            ct = txt_l[q] @ txt_l.T
+            ci = img_l[q] @ img_l.T
+            sure = (ct > hi).logical_or_(ct <= lo).logical_or_(ci > hi).logical_or_(ci <= lo)
+            score = ct.mul_(ci) if method == "hpm" else (ct if method == "text" else ci)
+            del ct, ci
+            score.masked_fill_(sure, float("-inf"))
+            del sure
             score[torch.arange(b, device=q.device), q] = float("-inf")
             low_vals, cand = torch.topk(score, keep, dim=1, sorted=True)
             del score
@@ -136,23 +141,6 @@ def search_exact_lowp(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k:
     if stats is not None:
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + len(fallback)
     return out_i, out_s
-
-
-def _low_precision_scores(ct: torch.Tensor, ci: torch.Tensor, hi: float, lo: float, method: str) -> torch.Tensor:
-    """Scores with the certain exclusions at -inf. Written as one expression so that, compiled, it is one
-    pass over the two similarity blocks (eager, it is ~8 passes: most of a GPU block's time)."""
-    sure = (ct > hi) | (ct <= lo) | (ci > hi) | (ci <= lo)
-    score = ct * ci if method == "hpm" else (ct if method == "text" else ci)
-    return score.masked_fill(sure, float("-inf"))
-
-
-_COMPILED = []
-
-
-def _compiled_scores():
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_low_precision_scores, dynamic=True))
-    return _COMPILED[0]
 
 
 def _rescore(txt: torch.Tensor, img: torch.Tensor, q: torch.Tensor, cand: torch.Tensor, method: str,
