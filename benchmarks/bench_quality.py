@@ -31,6 +31,7 @@ encoder is not among the ablations: none is available offline here.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -120,6 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="continued-training learning rate (default: the demo's)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="starting model's steps (default: the demo's)")
     ap.add_argument("--quick", action="store_true", help="smoke test on the test suite's tiny world")
+    ap.add_argument("--resume-from", default=None,
+                    help="a JSON this script wrote: its runs are kept and not repeated (same settings required)")
     ap.add_argument("--out", default="benchmarks/results/bench_quality.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -159,10 +162,20 @@ def main(argv=None) -> int:
               "seeds": seeds, "continued_training": {k: v for k, v in vars(cfg.continued).items()},
               "pretrain_steps": cfg.pretrain.steps, "mining_k": cfg.mine.k,
               "pretrained": evaluate(ckpt), "runs": []}
+    if args.resume_from:
+        prev = json.loads(Path(args.resume_from).read_text())
+        for key in ("continued_training", "pretrain_steps", "mining_k", "device"):
+            if json.dumps(prev[key], sort_keys=True) != json.dumps(report[key], sort_keys=True):
+                ap.error(f"--resume-from {args.resume_from} was run with another {key}; start afresh")
+        report["runs"] = prev["runs"]
+        # a fresh machine re-pretrains: record both starting points so a difference would show
+        report["pretrained_of_resumed_runs"] = prev["pretrained"]
     pre = report["pretrained"]
     print(f"pretrained: val zs {pre['val']['zeroshot_mean']:.4f} test zs {pre['test']['zeroshot_mean']:.4f}", flush=True)
     for seed in seeds:
         for name in names:
+            if any(r["variant"] == name and r["seed"] == seed for r in report["runs"]):
+                continue
             overrides, source = VARIANTS[name]
             tc = replace(cfg.continued, pretrained=str(ckpt), seed=seed, **overrides)
             t0 = time.perf_counter()
@@ -178,7 +191,8 @@ def main(argv=None) -> int:
             report["summary"] = summarise(report["runs"])
             report["total_seconds"] = round(time.perf_counter() - t_start, 1)
             save_json(args.out, report)
-    summary = report["summary"]
+    report["summary"] = summary = summarise(report["runs"])
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     family = [v for v in HELIP_FAMILY if v in summary]
     selected = max(family, key=lambda v: summary[v]["val"]["zeroshot_mean"]["mean"]) if family else None
     report["selected_on_val"] = selected
