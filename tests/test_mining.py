@@ -139,6 +139,46 @@ def test_low_precision_fallback_keeps_results_exact(method):
             assert stats["fallback_rows"] > 0  # the fallback path ran
 
 
+def _tied_embeddings(n=80, d=8, seed=5):
+    """Unit rows with four entries of +-0.5: every cosine is a multiple of 0.25 and every score a multiple
+    of 1/16, exact in any summation order and in fp16, so scores tie exactly and often."""
+    rng = np.random.default_rng(seed)
+
+    def rows():
+        x = np.zeros((n, d), dtype=np.float32)
+        for i in range(n):
+            x[i, rng.choice(d, 4, replace=False)] = rng.choice([-0.5, 0.5], 4)
+        return x
+    return rows(), rows()
+
+
+@pytest.mark.parametrize("mode_opts", [{"precision": "fp32"}, {"precision": "fp16"}, {"block_size": 7},
+                                       {"mode": "subset", "candidates": 10**6}])
+@pytest.mark.parametrize("method", ["hpm", "text", "image"])
+def test_exact_ties_are_broken_by_index(method, mode_opts):
+    img, txt = _tied_embeddings()
+    ref_idx, ref_scores, *_ = brute_force(img, txt, 6, method)  # stable sort: equal scores by index
+    # the data must have ties that cross the k-th place
+    crossing = sum(1 for i, top in enumerate(ref_idx) if len(top) == 6 and
+                   sum(1 for j in range(len(img)) if j not in top and j != i
+                       and abs(_score(img, txt, i, j, method) - ref_scores[i][-1]) < 1e-9
+                       and _valid(img, txt, i, j)) > 0)
+    assert crossing > 10
+    hp = mine_hard_pairs(img, txt, k=6, method=method, progress=False, **mode_opts)
+    for i, top in enumerate(ref_idx):
+        assert hp.indices[i, :len(top)].tolist() == top, f"row {i}"
+
+
+def _valid(img, txt, i, j, dup=0.98, lo=0.0):
+    ct, ci = float(txt[i] @ txt[j]), float(img[i] @ img[j])
+    return lo < ct <= dup and lo < ci <= dup
+
+
+def _score(img, txt, i, j, method):
+    ct, ci = float(txt[i] @ txt[j]), float(img[i] @ img[j])
+    return {"hpm": ct * ci, "text": ct, "image": ci}[method]
+
+
 def test_non_default_thresholds_match_brute_force():
     img, txt = make_embeddings(seed=1)
     ref_idx, ref_scores, ct, ci, score = brute_force(img, txt, K, "hpm", dup_threshold=0.9, min_similarity=0.2)

@@ -123,5 +123,6 @@ def test_two_process_gloo_run_equals_single_process(tmp_path, mode):
     sharded = load_hard_pairs(out)
     assert sharded.meta["world_size"] == 2
     assert (sharded.indices == single.indices).all()
-    assert np.array_equal(sharded.scores, single.scores)
+    # the workers use 1 thread and this process may use 2: GEMMs may round differently in the last bit
+    np.testing.assert_allclose(sharded.scores, single.scores, rtol=0, atol=1e-6)
     assert not (out / ".partial").exists()

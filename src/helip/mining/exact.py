@@ -123,15 +123,12 @@ def search_exact_lowp(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k:
             # float32 re-scoring of the survivors with the exact rules
             sc = _rescore(txt, img, q, cand, method, dup_threshold, min_similarity)
             sc[torch.isinf(low_vals)] = float("-inf")
-            vals, pos = torch.topk(sc, k, dim=1, sorted=True)
-            idx = torch.gather(cand, 1, pos)
-            idx[torch.isinf(vals)] = -1
-            # certificate: every dropped candidate scores at most low_vals[:, -1] + err in float32
-            bound = low_vals[:, -1].float() + err
-            ok = torch.isinf(low_vals[:, -1]) | (vals[:, -1] >= bound)
-            out_i[s:s + b] = idx.cpu().numpy()
-            out_s[s:s + b] = vals.cpu().numpy()
-            bad = (~ok).nonzero()[:, 0].cpu().numpy()
+            out_i[s:s + b], out_s[s:s + b] = select_topk(sc, cand, k)
+            # certificate: every dropped candidate scores at most low_vals[:, -1] + err in float32; strictly
+            # above that, the k-th cannot even tie with one (ties are broken by index among all candidates)
+            low_last = low_vals[:, -1].float().cpu().numpy()
+            ok = np.isneginf(low_last) | (out_s[s:s + b, -1] > low_last + err)
+            bad = np.flatnonzero(~ok)
             fallback.extend((s + bad).tolist())
             on_block(b)
         if fallback:

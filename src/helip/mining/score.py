@@ -50,11 +50,32 @@ def candidate_scores(
 
 
 def select_topk(scores: torch.Tensor, c_idx: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Best k per row as global indices (int32, -1 padded) and scores (float32, -inf padded)."""
+    """Best k per row as global indices (int32, -1 padded) and scores (float32, -inf padded).
+
+    ``c_idx`` maps columns to global indices: [m] shared by all rows, or [b, m]
+    per row. Ties are broken by the smaller global index, so the result does not
+    depend on how ``torch.topk`` orders equal values: first within the selection,
+    then, for the rare row whose k-th score is shared with a candidate left out,
+    by re-choosing among the tied candidates.
+    """
     b, m = scores.shape
     kk = min(k, m)
     vals, pos = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
-    idx = c_idx[pos]
+    kth = vals[:, -1:]
+    boundary = torch.isfinite(kth[:, 0]) & ((scores == kth).sum(1) > (vals == kth).sum(1))
+    for r in boundary.nonzero()[:, 0].tolist():
+        above = (scores[r] > kth[r]).nonzero()[:, 0]
+        tied = (scores[r] == kth[r]).nonzero()[:, 0]
+        tied_global = c_idx[r, tied] if c_idx.dim() == 2 else c_idx[tied]
+        keep = tied[torch.argsort(tied_global)[:kk - len(above)]]
+        pos[r] = torch.cat([above, keep])
+        vals[r] = scores[r, pos[r]]
+    idx = torch.gather(c_idx, 1, pos) if c_idx.dim() == 2 else c_idx[pos]
+    # order: score descending, then index ascending
+    order = torch.argsort(idx, dim=1, stable=True)
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
     idx[torch.isinf(vals)] = -1
     out_i = np.full((b, k), -1, dtype=np.int32)
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
