@@ -75,7 +75,7 @@ def cmd_embed(args) -> None:
     rank = _init_distributed(args.device)
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-    source = open_pairs(data_config_from_args(args))  # bad --data fails before any model is loaded
+    source = open_pairs(data_config_from_args(args), progress=cfg.progress)  # bad --data fails before the model loads
     need_model = not (args.text_encoder and args.image_encoder)
     lm = load_model(args.model, args.pretrained, device=cfg.device) if need_model else None
     encoders = build_encoders(lm, cfg.device, text_encoder=args.text_encoder, image_encoder=args.image_encoder,

@@ -79,6 +79,7 @@ class DataConfig:
     world_seed: int = 0                   # world only
     index_dir: Optional[str] = None       # shard indexes here instead of beside the shards
     max_bad_fraction: float = 0.01
+    progress: bool = True                 # a progress bar while shards are indexed
 
     def validate(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -125,7 +126,8 @@ class PairSource:
         except UnreadableImage:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's decode errors
-            raise UnreadableImage(f"{self.where(i)}: {type(e).__name__}: {e}") from e
+            msg = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(e))  # no memory addresses:
+            raise UnreadableImage(f"{self.where(i)}: {type(e).__name__}: {msg}") from e   # reruns give equal files
 
     def _image(self, i: int) -> Image.Image:
         raise NotImplementedError
@@ -399,7 +401,7 @@ def open_pairs(spec_or_config, **overrides) -> PairSource:
     if low.endswith(".jsonl"):
         return read_jsonl(Path(spec))
     if low.endswith(".tar") or ".tar::" in low:
-        return ShardPairs(spec, cfg.index_dir, progress=True)
+        return ShardPairs(spec, cfg.index_dir, progress=cfg.progress)
     raise ConfigError(f"--data {spec!r}: expected 'world', a .csv/.tsv table, a .jsonl file, or WebDataset "
                       f"shards such as 'dir/{{00000..00003}}.tar'.")
 
