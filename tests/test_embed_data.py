@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 import helip.embed as embed_mod
@@ -65,7 +66,6 @@ def test_embed_resumed_after_a_kill_gives_the_same_files(tmp_path, monkeypatch, 
     norms = np.linalg.norm(np.asarray(img, dtype=np.float32), axis=1)
     assert np.allclose(np.delete(norms, [7, 20]), 1, atol=1e-2)
     # the vectors are the model's: pair 0 encoded directly gives the same row
-    import torch
     with torch.no_grad():
         direct = lm.model.encode_image(lm.preprocess(src.image(0))[None], normalize=True)[0].numpy()
     assert np.allclose(img[0], direct, atol=2e-3)
@@ -122,3 +122,39 @@ def test_timm_image_encoder_random_init(tmp_path, lm):
     img, txt, meta = load_embeddings(tmp_path / "e")
     assert meta["image_encoder"] == "timm:resnet10t" and meta["text_encoder"] == "helip-tiny-vit"
     assert img.shape[1] == meta["image_dim"] == 512 and txt.shape[1] == 64 and "dim" not in meta
+
+
+def _tiny_sentence_transformer(path):
+    """A randomly initialised sentence-transformers model saved locally (BERT, 2 layers, a 40-word vocabulary)."""
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.strip(',."') for c in CAPTIONS for w in c.lower().split()} | {"number"})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *[str(i) for i in range(10)]]
+    (path / "hf").mkdir(parents=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path / "hf")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(path / "hf")
+    word = Transformer(str(path / "hf"), max_seq_length=32)
+    SentenceTransformer(modules=[word, Pooling(16, "mean")]).save(str(path / "st"))
+    return path / "st"
+
+
+def test_sentence_transformers_text_encoder_from_a_local_dir(tmp_path, lm):
+    # skipped where sentence-transformers is not installed (it is optional: importing transformers is slow)
+    pytest.importorskip("sentence_transformers")
+    st_dir = _tiny_sentence_transformer(tmp_path / "model")
+    root = write_dataset(tmp_path / "d")
+    assert main(["embed", "--data", str(root / "pairs.jsonl"), "--text-encoder", str(st_dir),
+                 "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+    img, txt, meta = load_embeddings(tmp_path / "e")
+    assert meta["text_encoder"] == f"sentence-transformers:{st_dir}" and txt.shape == (len(CAPTIONS), 16)
+    from sentence_transformers import SentenceTransformer
+    direct = SentenceTransformer(str(st_dir)).encode(CAPTIONS[:2], normalize_embeddings=True)
+    assert np.allclose(txt[:2], direct, atol=2e-3)
