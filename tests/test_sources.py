@@ -136,3 +136,15 @@ def test_csv_separator_and_columns(tmp_path):
     assert src.captions() == CAPTIONS
     with pytest.raises(InputError, match="no column 'caption'"):
         open_pairs(str(root / "pairs.tsv"), csv_caption_key="caption")
+
+
+def test_shards_read_from_dataloader_workers(tmp_path):
+    import torch
+
+    root = write_dataset(tmp_path / "d")
+    src = open_pairs(_specs(root)[-1])
+    src.image(5)  # the parent holds an open shard; forked workers must not share its file offset
+    ds = PairDataset(src, preprocess=lambda im: torch.from_numpy(np.asarray(im).copy()), tokenizer=lambda c: c)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, sampler=[5, 0, 3, 1, 4, 2])
+    got = torch.cat([images for images, _ in loader]).numpy()
+    assert np.array_equal(got, np.stack([_images()[i] for i in [5, 0, 3, 1, 4, 2]]))
