@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .data.pairs import PairTensors
 from .data.sources import PairSource, UnreadableImage, check_bad_fraction
 from .errors import ConfigError, InputError
-from .io import check_fingerprint, load_json, save_json, save_npy, save_with
+from .io import check_fingerprint, load_json, save_json, save_with
 from .models import LoadedModel
 
 log = logging.getLogger(__name__)
