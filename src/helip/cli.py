@@ -63,22 +63,41 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .embed import EmbedConfig, embed
+    import os
 
-    lm, pairs = _model_and_pairs(args, _world_split(args))
-    out = embed(lm, pairs, Path(args.out), EmbedConfig(batch_size=args.batch_size, device=args.device))
-    print(f"wrote {out}")
+    from .data.sources import data_config_from_args, open_pairs
+    from .embed import EmbedConfig, build_encoders, embed_source
+    from .models import load_model
+
+    cfg = EmbedConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
+                      workers=args.workers, max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress)
+    cfg.validate()
+    rank = _init_distributed(args.device)
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    source = open_pairs(data_config_from_args(args), progress=cfg.progress)  # bad --data fails before the model loads
+    need_model = not (args.text_encoder and args.image_encoder)
+    lm = load_model(args.model, args.pretrained, device=cfg.device) if need_model else None
+    encoders = build_encoders(lm, cfg.device, text_encoder=args.text_encoder, image_encoder=args.image_encoder,
+                              image_encoder_weights=args.image_encoder_weights, pretrained=args.pretrained)
+    out = embed_source(source, encoders, Path(args.out), cfg)
+    if rank == 0:
+        meta = json.loads((out / "meta.json").read_text())
+        sk = meta["skipped"]
+        print(f"wrote {out} ({meta['n']} pairs, {sk['count']} skipped: {sk['empty_caption']} empty captions, "
+              f"{sk['unreadable_image']} unreadable images; listed in {out / 'skipped.json'})")
 
 
 def cmd_mine(args) -> None:
-    from .embed import load_embeddings
+    from .embed import load_embeddings, load_skipped
     from .mining import MineConfig, mine_hard_pairs, write_csv
 
     img, txt, meta = load_embeddings(Path(args.embeddings))
+    skipped = load_skipped(Path(args.embeddings))  # unusable pairs: never targets, never hard pairs
     cfg = MineConfig(**{name: getattr(args, name) for name in MineConfig.__dataclass_fields__ if hasattr(args, name)})
     rank = _init_distributed(args.device)
     extra = {"fingerprint": meta.get("fingerprint"), "embeddings": str(Path(args.embeddings).resolve())}
-    hard = mine_hard_pairs(img, txt, cfg, out_dir=Path(args.out), extra_meta=extra)
+    hard = mine_hard_pairs(img, txt, cfg, out_dir=Path(args.out), extra_meta=extra, exclude=skipped)
     if rank != 0:
         return
     if args.csv:
@@ -188,10 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("embed", help="encode every pair with the model's two towers")
-    _add_world(p)
+    from .data.sources import add_data_arguments
+    from .embed import EmbedConfig
+
+    e = EmbedConfig()
+    p = sub.add_parser("embed", help="encode every pair with the model's two towers (or external encoders)")
+    add_data_arguments(p)
+    p.add_argument("--model", default="helip-tiny-vit", help="OpenCLIP model name or JSON model config path")
+    p.add_argument("--pretrained", default=None,
+                   help="checkpoint file (OpenCLIP or open_clip_train epoch_N.pt) or OpenCLIP pretrained tag")
+    p.add_argument("--text-encoder", default=None, help="sentence-transformers model (path or name) as text tower")
+    p.add_argument("--image-encoder", default=None, help="timm model name as image tower")
+    p.add_argument("--image-encoder-weights", default="hub",
+                   help="timm weights: 'hub' (timm's pretrained, downloaded), 'none' (random init) or a file")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=e.batch_size)
+    p.add_argument("--chunk-size", type=int, default=e.chunk_size, help="pairs per resumable chunk")
+    p.add_argument("--workers", type=int, default=e.workers, help="DataLoader processes decoding images")
+    p.add_argument("--dtype", default=e.dtype, choices=("float16", "float32"))
+    p.add_argument("--device", default=e.device)
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
 
     from .mining import MODES, MineConfig

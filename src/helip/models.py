@@ -7,7 +7,9 @@ tokenizer and preprocessed by OpenCLIP's transforms, like any ViT-B-32.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_MODEL = "helip-tiny-vit"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 
 
 def register_configs() -> None:
@@ -34,13 +37,33 @@ def register_configs() -> None:
         open_clip.add_model_config(CONFIG_DIR)
 
 
+HUB_PREFIXES = ("hf-hub:", "local-dir:")
+
+
 def resolve_model_name(model: str) -> str:
-    """Accept an OpenCLIP model name or a path to an OpenCLIP JSON model config."""
+    """Accept an OpenCLIP model name or a path to an OpenCLIP JSON model config.
+
+    A JSON config ``dir/MyCLIP.json`` is registered with OpenCLIP under its stem
+    ``MyCLIP`` (OpenCLIP's own convention), so a checkpoint trained from it
+    loads in any script with ``open_clip.add_model_config("dir/MyCLIP.json")``
+    then ``open_clip.create_model("MyCLIP", pretrained=path)``. Names with
+    OpenCLIP's ``hf-hub:`` / ``local-dir:`` schemas are passed to OpenCLIP as
+    they are.
+    """
     register_configs()
+    if model.startswith(HUB_PREFIXES):
+        return model
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
             raise InputError(f"model config {path} does not exist; pass an OpenCLIP model name or a JSON config path.")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise InputError(f"model config {path} is not valid JSON ({e}); fix it or pass an OpenCLIP model name.")
+        if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise InputError(f"model config {path} is not an OpenCLIP model config (it needs embed_dim, vision_cfg "
+                             f"and text_cfg, like open_clip/model_configs/ViT-B-32.json).")
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
@@ -65,13 +88,12 @@ def load_model(model: str = DEMO_MODEL, pretrained: Optional[str] = None, device
     """Build an OpenCLIP model, from random init or from a checkpoint.
 
     ``pretrained`` is a local checkpoint file (a state dict, an ``open_clip_train``
-    checkpoint with ``module.`` prefixes, anything OpenCLIP's loader reads) or an
-    OpenCLIP pretrained tag (downloaded by OpenCLIP only then).
+    checkpoint ``epoch_N.pt`` whose ``state_dict`` has ``module.`` prefixes --
+    OpenCLIP's own loader strips them --, anything OpenCLIP's loader reads) or
+    an OpenCLIP pretrained tag (downloaded by OpenCLIP only then).
     """
     name = resolve_model_name(model)
-    if pretrained is not None and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        if not Path(pretrained).is_file():
-            raise InputError(f"checkpoint {pretrained} does not exist; check the path passed as --pretrained.")
+    check_pretrained(name, pretrained)
     try:
         m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
     except RuntimeError as e:
@@ -80,6 +102,23 @@ def load_model(model: str = DEMO_MODEL, pretrained: Optional[str] = None, device
                              f"pass the --model it was trained with.") from e
         raise
     return LoadedModel(name=name, model=m, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name))
+
+
+def check_pretrained(name: str, pretrained: Optional[str]) -> None:
+    """``pretrained`` must be an existing file or one of OpenCLIP's pretrained tags for ``name``.
+
+    Checked before OpenCLIP is called, so a typo costs one clear line, not a
+    download attempt or a traceback.
+    """
+    if pretrained is None or name.startswith(HUB_PREFIXES) or Path(pretrained).is_file():
+        return
+    looks_like_path = os.sep in pretrained or "/" in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES)
+    if looks_like_path:
+        raise InputError(f"checkpoint {pretrained} does not exist; check the path passed as --pretrained.")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(f"--pretrained {pretrained!r} is neither a file nor an OpenCLIP pretrained tag of {name!r} "
+                          f"(tags: {', '.join(tags) or 'none'}); pass a checkpoint path or one of the tags.")
 
 
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:

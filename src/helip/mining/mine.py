@@ -180,7 +180,8 @@ def _partial_dir(out_dir: Path, key: str, rank: int) -> Path:
 
 
 def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, config: Optional[MineConfig] = None,
-                    out_dir: Optional[Path] = None, extra_meta: Optional[dict] = None, **overrides) -> HardPairs:
+                    out_dir: Optional[Path] = None, extra_meta: Optional[dict] = None,
+                    exclude: Optional[np.ndarray] = None, **overrides) -> HardPairs:
     """Find each pair's hard pairs: the k best-scoring other pairs, best first.
 
     ``image_embeddings`` and ``text_embeddings`` are [N, d] arrays (any float
@@ -193,6 +194,11 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     DESIGN.md section 3 (``extra_meta``, e.g. the dataset fingerprint, is added
     to meta.json); under torchrun every rank must call this with the same
     arguments, and all ranks return the merged result.
+
+    ``exclude`` lists pairs that must take no part (the unusable pairs that
+    ``helip embed`` records in ``skipped.json``): they are mined over the
+    remaining pairs only, never appear as hard pairs, and their own rows are
+    all -1.
     """
     unknown = set(overrides) - set(MineConfig.__dataclass_fields__)
     if unknown:
@@ -202,6 +208,13 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     if len(image_embeddings) != len(text_embeddings):
         raise InputError(f"image and text embeddings have {len(image_embeddings)} and {len(text_embeddings)} rows; "
                          f"row i of both must be pair i. Re-run `helip embed`.")
+    n_all = len(image_embeddings)
+    keep = None
+    if exclude is not None and len(exclude):
+        mask = np.ones(n_all, dtype=bool)
+        mask[np.asarray(exclude, dtype=np.int64)] = False
+        keep = np.flatnonzero(mask)
+        image_embeddings, text_embeddings = image_embeddings[keep], text_embeddings[keep]
     n = len(image_embeddings)
     cfg.validate(n)
     rank, world = _dist()
@@ -211,7 +224,10 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     txt = _normalised(text_embeddings, "text", cfg.device)
     run = _Run(img, txt, cfg)
     out_dir = Path(out_dir) if out_dir is not None else None
-    partial = _partial_dir(out_dir, cfg.search_key(n), rank) if out_dir is not None else None
+    key = cfg.search_key(n)
+    if keep is not None:  # the same n can be another selection of pairs
+        key = hashlib.sha256((key + hashlib.sha256(keep.tobytes()).hexdigest()).encode()).hexdigest()[:16]
+    partial = _partial_dir(out_dir, key, rank) if out_dir is not None else None
     if partial is not None and rank == 0 and (out_dir / "meta.json").exists():
         (out_dir / "meta.json").unlink()  # the directory is incomplete until the new result lands
 
@@ -269,6 +285,13 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
                                    "sample": int(len(sample))}
         log.info("%s mode: estimated recall@%d against exact search %.4f (on %d targets)",
                  cfg.mode, cfg.k, meta["recall_estimate"]["recall_at_k"], len(sample))
+    if keep is not None:  # back from the kept pairs' positions to dataset indices
+        full_i = np.full((n_all, cfg.k), -1, dtype=np.int32)
+        full_s = np.full((n_all, cfg.k), -np.inf, dtype=np.float32)
+        full_i[keep] = np.where(indices >= 0, keep[np.maximum(indices, 0)], -1)
+        full_s[keep] = scores
+        indices, scores = full_i, full_s
+        meta.update(n=n_all, excluded=int(n_all - n), padded_rows=int((indices[:, -1] < 0).sum()))
     meta.update(extra_meta or {})
     pairs = HardPairs(indices=indices, scores=scores, meta=meta)
     if out_dir is not None:
