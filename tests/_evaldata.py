@@ -108,3 +108,22 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     return save_checkpoint(load_model("helip-tiny-vit").model, path)
+
+
+def trained_checkpoint(out: Path, steps: int = 12, seed: int = 0) -> Path:
+    """helip-tiny-vit briefly trained (helip.train, plain CLIP loss) on generated colour squares and captions,
+    so zero-shot predictions and retrieval ranks differ from image to image (a random init is one constant
+    class)."""
+    from helip.data.pairs import prepare_pairs
+    from helip.models import load_model
+    from helip.train import TrainConfig, train
+
+    rng = np.random.default_rng(seed)
+    shapes = ["square", "block", "patch", "tile", "box"]
+    colours = [COLOURS[i] for i in rng.integers(0, len(COLOURS), size=256)]
+    images = np.stack([np.asarray(image(c, rng)) for c in colours])
+    captions = [f"a {c} {shapes[i % len(shapes)]}" for i, c in enumerate(colours)]
+    pairs = prepare_pairs(images, captions, load_model("helip-tiny-vit"))
+    cfg = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=5, seed=seed, hard_per_target=0,
+                      hnml_weight=0.0, progress=False, log_every=steps)
+    return train(cfg, pairs, out).checkpoint
