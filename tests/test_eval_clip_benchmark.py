@@ -17,8 +17,9 @@ from helip.evaluate.features import FeatureConfig, encode_images, model_identity
 from helip.evaluate.datasets import open_classification
 from helip.models import load_model
 
-cb_zs = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
-cb_ret = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+_WHY = "clip-benchmark is not installed; `make install` adds it (pip install --no-deps clip-benchmark==1.6.2)"
+cb_zs = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification", reason=_WHY)
+cb_ret = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval", reason=_WHY)
 
 
 
