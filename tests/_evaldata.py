@@ -110,7 +110,7 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_checkpoint(load_model("helip-tiny-vit").model, path)
 
 
-def trained_checkpoint(out: Path, steps: int = 12, seed: int = 0) -> Path:
+def trained_checkpoint(out: Path, steps: int = 6, seed: int = 0) -> Path:
     """helip-tiny-vit briefly trained (helip.train, plain CLIP loss) on generated colour squares and captions,
     so zero-shot predictions and retrieval ranks differ from image to image (a random init is one constant
     class)."""
@@ -120,7 +120,7 @@ def trained_checkpoint(out: Path, steps: int = 12, seed: int = 0) -> Path:
 
     rng = np.random.default_rng(seed)
     shapes = ["square", "block", "patch", "tile", "box"]
-    colours = [COLOURS[i] for i in rng.integers(0, len(COLOURS), size=256)]
+    colours = [COLOURS[i] for i in rng.integers(0, len(COLOURS), size=192)]
     images = np.stack([np.asarray(image(c, rng)) for c in colours])
     captions = [f"a {c} {shapes[i % len(shapes)]}" for i, c in enumerate(colours)]
     pairs = prepare_pairs(images, captions, load_model("helip-tiny-vit"))

@@ -1,6 +1,6 @@
 """helip's zero-shot and retrieval numbers agree with CLIP_benchmark's own evaluate functions.
 
-Same model (helip-tiny-vit trained for 12 steps on generated colour squares, fixed seed),
+Same model (helip-tiny-vit trained for 6 steps on generated colour squares, fixed seed),
 same generated images, same class names and templates; CLIP_benchmark gets
 its inputs the way its CLI builds them (torchvision ImageFolder for
 classification, (image, [captions]) batches for retrieval), fp32 (amp off).
