@@ -141,37 +141,23 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data import world
-    from .data.pairs import prepare_pairs
-    from .evaluate import EvalConfig, evaluate_model
-    from .io import save_json
-    from .models import load_model
+    from .evaluate.command import eval_from_args
 
-    if len(args.name) != len(args.pretrained):
-        raise ConfigError("give one --name per --pretrained checkpoint.")
-    splits = {s: world.generate(n, args.world_seed, s)
-              for s, n in (("train", args.n_probe_train), ("val", args.n_val), ("test", args.n_test))}
-    tasks = {s: world.zeroshot_tasks(splits[s]) for s in ("val", "test")}
-    labels = {s: world.probe_labels(splits[s]) for s in splits}
-    results, t = {}, None
-    for name, ckpt in zip(args.name, args.pretrained):
-        lm = load_model(args.model, ckpt)
-        if t is None:  # one --model for every checkpoint: the same transform and tokenizer, prepared once
-            t = {s: prepare_pairs(splits[s].images, splits[s].captions, lm) for s in splits}
-        r = evaluate_model(lm, {"val": t["val"], "test": t["test"]}, tasks, labels, t["train"],
-                           EvalConfig(device=args.device))
-        results[name] = {**r["test"], "val": r["val"], "checkpoint": ckpt}
-    results["meta"] = {"model": args.model, "world_seed": args.world_seed, "reported_split": "test"}
-    save_json(Path(args.out), results)
-    print(f"wrote {args.out}")
+    out = eval_from_args(args)
+    print(f"wrote {out}")
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from .io import load_json
+    from .report import is_benchmark, merge_results, write_benchmark_report, write_report
 
-    with open(args.results) as f:
-        results = json.load(f)
-    out = write_report(Path(args.out), results)
+    items = [(Path(r).stem if Path(r).stem != "results" else Path(r).parent.name or f"r{i}",
+              load_json(r, "--results")) for i, r in enumerate(args.results)]
+    results = merge_results(items)
+    if is_benchmark(results):
+        out = write_benchmark_report(Path(args.out), results, args.baseline)
+    else:
+        out = write_report(Path(args.out), results)
     print(f"wrote {out}")
 
 
@@ -274,21 +260,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnml-margin", type=float, default=d.hnml_margin)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot, linear probe and retrieval on the built-in world")
-    p.add_argument("--model", default="helip-tiny-vit")
-    p.add_argument("--pretrained", action="append", required=True, help="checkpoint (repeat for several)")
-    p.add_argument("--name", action="append", required=True, help="variant name per checkpoint")
-    p.add_argument("--out", required=True, help="results.json path")
-    p.add_argument("--world-seed", type=int, default=0)
-    p.add_argument("--n-probe-train", type=int, default=5000)
-    p.add_argument("--n-val", type=int, default=2000)
-    p.add_argument("--n-test", type=int, default=3000)
-    p.add_argument("--device", default="cpu")
+    from .evaluate.command import add_eval_arguments
+
+    p = sub.add_parser("eval", help="zero-shot, linear probe and retrieval: benchmark datasets or the built-in world")
+    add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("report", help="results.json -> report.html with plots")
-    p.add_argument("--results", required=True)
+    p = sub.add_parser("report", help="results.json files -> report.html with a comparison table and plots")
+    p.add_argument("--results", required=True, action="append", help="results.json (repeat to compare several)")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--baseline", default=None, help="variant the 'before vs after' plot compares against "
+                                                      "(default: the first)")
     p.set_defaults(func=cmd_report)
     return ap
 

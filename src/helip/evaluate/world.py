@@ -1,4 +1,4 @@
-"""`helip eval`: zero-shot classification, linear probe and retrieval.
+"""Evaluation on the built-in world: zero-shot classification, linear probe and retrieval.
 
 Zero-shot classifiers are built with OpenCLIP's ``build_zero_shot_classifier``
 (class names x prompt templates, averaged, normalised). The linear probe is
@@ -16,12 +16,12 @@ from typing import Dict, List, Sequence
 import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
-from sklearn.linear_model import LogisticRegression
 
-from .data.pairs import PairTensors
-from .data.world import ZeroShotTask
-from .embed import encode_pairs
-from .models import LoadedModel
+from ..data.pairs import PairTensors
+from ..data.world import ZeroShotTask
+from ..embed import encode_pairs
+from ..models import LoadedModel
+from .linear_probe import ProbeConfig, fit_linear_probe
 
 log = logging.getLogger(__name__)
 
@@ -66,17 +66,9 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                  test_x: np.ndarray, test_y: np.ndarray, cs: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0),
                  max_iter: int = 1000) -> Dict[str, float]:
-    """Choose C on validation, refit on train+validation, return test accuracy and the chosen C."""
-    best_c, best_acc = None, -1.0
-    for c in cs:
-        clf = LogisticRegression(C=c, max_iter=max_iter)
-        clf.fit(train_x, train_y)
-        acc = float(clf.score(val_x, val_y))
-        if acc > best_acc:
-            best_c, best_acc = c, acc
-    clf = LogisticRegression(C=best_c, max_iter=max_iter)
-    clf.fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
-    return {"accuracy": float(clf.score(test_x, test_y)), "C": best_c, "val_accuracy": best_acc}
+    """Choose C on validation from ``cs``, refit on train+validation, return test accuracy and the chosen C."""
+    return fit_linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, cs=cs,
+                            cfg=ProbeConfig(max_iter=max_iter))
 
 
 def evaluate_model(lm: LoadedModel, splits: Dict[str, PairTensors], tasks: Dict[str, List[ZeroShotTask]],
