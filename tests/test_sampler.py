@@ -231,3 +231,33 @@ def test_bad_arguments():
         HardPairBatchSampler(hard, batch_size=4, top_k=0)
     with pytest.raises(InputError):
         HardPairBatchSampler(hard[:, 0], batch_size=4)
+
+
+@pytest.mark.parametrize("h", [1, 3])
+def test_hard_fraction_mixes_groups_and_lone_targets(h):
+    n, bs, top_k = 90, 16, 10
+    hard = permutation_lists(n, 30)
+    s = HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, top_k=top_k, seed=1, hard_fraction=0.5)
+    groups = (bs // 2) // (1 + h)
+    assert s.groups_per_batch == groups and s.targets_per_batch == bs - groups * h
+    batches = batches_of(s)
+    shard, per = s.shard(), s.targets_per_batch
+    targets_seen = []
+    for b, batch in enumerate(batches):
+        assert len(set(batch)) == len(batch)
+        targets = [int(t) for t in shard[b * per:(b + 1) * per]]
+        g = min(groups, len(targets))
+        # [t1, partners.., t2, partners.., ..., t_g, partners.., lone targets...]
+        for a in range(g):
+            assert batch[a * (1 + h)] == targets[a]
+            assert set(batch[a * (1 + h) + 1:(a + 1) * (1 + h)]) <= set(hard[targets[a], :top_k].tolist())
+        assert batch[g * (1 + h):] == targets[g:]
+        targets_seen += targets
+    assert sorted(targets_seen) == list(range(n))  # every pair is a target once per epoch
+    # the extremes: fraction 0 is plain batches of targets, fraction 1 the unmixed sampler
+    plain = HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, seed=1, hard_fraction=0.0)
+    assert batches_of(plain)[0] == plain.shard()[:bs].tolist()
+    assert batches_of(HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, seed=1, hard_fraction=1.0)) == \
+        batches_of(HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, seed=1))
+    with pytest.raises(ConfigError, match="hard_fraction"):
+        HardPairBatchSampler(hard, batch_size=bs, hard_fraction=1.5)

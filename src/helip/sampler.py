@@ -20,6 +20,11 @@ always on the same rank, where the margin loss sees them together.
 
 With ``hard_pairs=None`` or ``hard_per_target=0`` it yields plain shuffled
 batches: the baseline of a fair comparison runs through the same code.
+
+``hard_fraction`` < 1 mixes the two: only that share of a batch's places goes
+to target + partner groups, the rest to targets without partners, so a batch
+keeps the diverse, easy negatives that random batches give (coarse attributes)
+beside the hard ones.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ class HardPairBatchSampler(Sampler[List[int]]):
         seed: int = 0,
         drop_last: bool = False,
         num_samples: Optional[int] = None,
+        hard_fraction: float = 1.0,
     ):
         if hard_pairs is None:
             if num_samples is None:
@@ -61,6 +67,8 @@ class HardPairBatchSampler(Sampler[List[int]]):
             raise ConfigError(f"batch_size {batch_size} cannot hold a target and {hard_per_target} partners.")
         if not 0 <= rank < num_replicas:
             raise ConfigError(f"rank {rank} is outside 0..{num_replicas - 1}.")
+        if not 0.0 <= hard_fraction <= 1.0:
+            raise ConfigError(f"hard_fraction must be in [0, 1], got {hard_fraction}.")
         if top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
         if self.n < batch_size:
@@ -74,7 +82,12 @@ class HardPairBatchSampler(Sampler[List[int]]):
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
-        self.targets_per_batch = batch_size // (1 + hard_per_target)
+        if hard_fraction >= 1.0:  # the remainder places are random fill, as without mixing
+            self.groups_per_batch = batch_size // (1 + hard_per_target)
+            self.targets_per_batch = self.groups_per_batch
+        else:
+            self.groups_per_batch = int(hard_fraction * batch_size) // (1 + hard_per_target)
+            self.targets_per_batch = batch_size - self.groups_per_batch * hard_per_target
         self.targets_per_rank = -(-self.n // num_replicas)  # ceil: shards padded by wrap-around
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,18 +111,20 @@ class HardPairBatchSampler(Sampler[List[int]]):
         per = self.targets_per_batch
         for b in range(len(self)):
             chunk = targets[b * per:(b + 1) * per]
-            size = self.batch_size if len(chunk) == per else len(chunk) * (1 + self.hard_per_target)
-            yield self._batch(chunk, size, rng)
+            groups = min(len(chunk), self.groups_per_batch)
+            size = self.batch_size if len(chunk) == per else len(chunk) + groups * self.hard_per_target
+            yield self._batch(chunk, size, rng, groups)
 
-    def _batch(self, chunk: np.ndarray, size: int, rng: np.random.Generator) -> List[int]:
+    def _batch(self, chunk: np.ndarray, size: int, rng: np.random.Generator, groups: int) -> List[int]:
+        """The first ``groups`` targets of ``chunk`` get partners; the rest stand alone."""
         chosen = set(int(t) for t in chunk)  # targets first, so no partner can take a target's place
         batch: List[int] = []
-        for t in chunk:
+        for g, t in enumerate(chunk):
             t = int(t)
             if t in batch:  # only possible when a tiny dataset wraps around
                 continue
             batch.append(t)
-            if self.hard is None or self.hard_per_target == 0:
+            if self.hard is None or self.hard_per_target == 0 or g >= groups:
                 continue
             row = self.hard[t]
             row = row[row >= 0]
