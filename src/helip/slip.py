@@ -252,13 +252,16 @@ def convert_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.
 
 
 def _build_meta(name: str) -> nn.Module:
+    """OpenCLIP's CLIP for config ``name`` on the meta device: names and shapes, no memory, no init time."""
     import open_clip
+    from open_clip.model import CLIP
 
     from .models import register_configs
 
     register_configs()
+    cfg = {k: v for k, v in open_clip.get_model_config(name).items() if k != "custom_text"}
     with torch.device("meta"):
-        return open_clip.create_model(name, device="meta")
+        return CLIP(**cfg)
 
 
 def check_fits(state: Dict[str, torch.Tensor], name: str, what: str) -> None:
