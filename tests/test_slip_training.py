@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.multiprocessing as mp
+from slip_gather_worker import gather_worker
 
 from helip.augment import SlipAugment
 from helip.cli import main
@@ -39,24 +40,10 @@ def test_simclr_loss_equals_hand_computed_value():
     assert set(out) == {"contrastive", "hnml", "ssl", "total"}
 
 
-def _gather_worker(rank, world, init_file, out_file):
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
-    n = len(a) // world
-    qa = a[rank * n:(rank + 1) * n].clone().requires_grad_()
-    qb = b[rank * n:(rank + 1) * n].clone().requires_grad_()
-    loss = SimCLRLoss(0.2)(qa, qb)   # rank and world size from the process group
-    loss.backward()
-    torch.save({"loss": loss.detach(), "ga": qa.grad, "gb": qb.grad}, f"{out_file}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
 def test_simclr_loss_gathers_across_ranks(tmp_path):
     """Two gloo ranks with half the batch each give the single-process loss and gradients."""
     world = 2
-    mp.spawn(_gather_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "r")), nprocs=world, join=True)
+    mp.spawn(gather_worker, args=(world, str(tmp_path / "init"), str(tmp_path / "r")), nprocs=world, join=True)
     ranks = [torch.load(f"{tmp_path / 'r'}.{r}") for r in range(world)]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(8, 5, generator=g).requires_grad_()
