@@ -234,3 +234,20 @@ def _fake_hard_pairs(n, k=4):
     rng = np.random.default_rng(0)
     idx = np.stack([rng.permutation(np.delete(np.arange(n), i))[:k] for i in range(n)]).astype(np.int32)
     return HardPairs(indices=idx, scores=np.ones_like(idx, dtype=np.float32), meta={"k": k})
+
+
+def test_untrusted_objects_need_trust_checkpoint(reduced_configs, tmp_path, capsys):
+    """Checkpoints are read with weights_only (SLIP's argparse args allowed); anything else needs the user's say-so."""
+    import datetime
+
+    name, cfg_path = reduced_configs["S"]
+    ref = _reference("S", seed=3)
+    save_slip_checkpoint(ref, tmp_path / "slip.pt", "SLIP_VITS16")
+    ckpt = torch.load(tmp_path / "slip.pt", weights_only=False)
+    ckpt["saved_on"] = datetime.date(2022, 1, 17)
+    torch.save(ckpt, tmp_path / "odd.pt")
+    _one_line_error(capsys, ["convert-slip", str(tmp_path / "odd.pt"), str(tmp_path / "o"), "--model", str(cfg_path)],
+                    "--trust-checkpoint")
+    assert main(["convert-slip", str(tmp_path / "odd.pt"), str(tmp_path / "o"), "--model", str(cfg_path),
+                 "--trust-checkpoint"]) == 0
+    assert (tmp_path / "o" / "model.pt").is_file() and (tmp_path / "o" / HEAD_FILE).is_file()
