@@ -43,7 +43,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     results = run_demo(Path(args.out), seed=args.seed, quick=args.quick,
-                       cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, objective=args.objective)
     for v in ("pretrained", "baseline", "helip"):
         r = results[v]
         print(f"{v:>10}: zero-shot mean {100 * r['zeroshot_mean']:.1f}  linear probe {100 * r['linear_probe']:.1f}"
@@ -125,6 +125,7 @@ def _init_distributed(device: str) -> int:
 def cmd_train(args) -> None:
     from .io import fingerprint
     from .mining import load_hard_pairs
+    from .slip import SlipConfig
     from .train import TrainConfig, train
 
     split = _world_split(args)
@@ -135,9 +136,20 @@ def cmd_train(args) -> None:
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
                       hnml_weight=args.hnml_weight if hard is not None else 0.0, hnml_margin=args.hnml_margin,
-                      device=args.device)
+                      device=args.device, objective=args.objective,
+                      slip=SlipConfig(ssl_scale=args.ssl_scale, ssl_temperature=args.ssl_temperature,
+                                      head=args.slip_head, mlp_dim=args.simclr_mlp_dim, out_dim=args.simclr_out_dim))
     res = train(cfg, pairs, Path(args.out), hard)
     print(f"wrote {res.checkpoint}")
+
+
+def cmd_convert_slip(args) -> None:
+    from .slip import convert_slip_checkpoint
+
+    r = convert_slip_checkpoint(Path(args.input), Path(args.output), size=args.size, model=args.model,
+                                trust=args.trust_checkpoint)
+    head = f" and {r.head}" if r.head else " (no SimCLR head: a CLIP checkpoint)"
+    print(f"wrote {r.checkpoint}{head}; use --model {r.model_name} --pretrained {r.checkpoint}")
 
 
 def cmd_eval(args) -> None:
@@ -181,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small, fast run (for tests)")
     p.add_argument("--cache-dir", default=None, help="where the pretrained starting model is cached")
+    p.add_argument("--objective", default="clip", choices=("clip", "slip"),
+                   help="train the demo's models with CLIP's loss or SLIP's (CLIP + SimCLR)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pretrain", help="train the demo's starting model from scratch on the built-in world")
@@ -258,7 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--hnml-weight", type=float, default=d.hnml_weight)
     p.add_argument("--hnml-margin", type=float, default=d.hnml_margin)
+    p.add_argument("--objective", default=d.objective, choices=("clip", "slip"),
+                   help="slip: add SLIP's SimCLR loss on two augmented views (SLIP models)")
+    p.add_argument("--ssl-scale", type=float, default=d.slip.ssl_scale, help="slip: weight of the SimCLR loss")
+    p.add_argument("--ssl-temperature", type=float, default=d.slip.ssl_temperature, help="slip: SimCLR temperature")
+    p.add_argument("--slip-head", default=None,
+                   help="slip: SimCLR head file (default: simclr_head.pt beside --pretrained, else a fresh head)")
+    p.add_argument("--simclr-mlp-dim", type=int, default=d.slip.mlp_dim, help="slip: hidden width of a fresh head")
+    p.add_argument("--simclr-out-dim", type=int, default=d.slip.out_dim, help="slip: output width of a fresh head")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert-slip", help="convert a facebookresearch/SLIP checkpoint to OpenCLIP + SimCLR head")
+    p.add_argument("input", help="SLIP checkpoint (.pt), e.g. slip_base_cc3m_40ep.pt")
+    p.add_argument("output", help="output directory: model.pt, simclr_head.pt, slip_meta.json")
+    p.add_argument("--size", default=None, help="S, B or L (default: the checkpoint's args.model)")
+    p.add_argument("--model", default=None, help="convert into this OpenCLIP config instead (a SLIP variant)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
+    p.set_defaults(func=cmd_convert_slip)
 
     from .evaluate.command import add_eval_arguments
 

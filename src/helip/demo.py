@@ -30,6 +30,7 @@ from .evaluate import EvalConfig, evaluate_model
 from .io import save_json
 from .mining import MineConfig, mine_hard_pairs
 from .models import CONFIG_DIR, load_model
+from .slip import HEAD_FILE, SlipConfig
 from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,15 @@ class DemoConfig:
         hnml_weight=1.0, hnml_margin=0.2, log_every=10))
     mine: MineConfig = field(default_factory=lambda: MineConfig(k=50))
     progress: bool = True
+    # "slip": pretrain and continue with SLIP's loss (CLIP + SimCLR); the tiny model gets a small SimCLR head
+    objective: str = "clip"
+    slip: SlipConfig = field(default_factory=lambda: SlipConfig(mlp_dim=256, out_dim=64))
+
+    def with_objective(self) -> "DemoConfig":
+        """Copy ``objective`` and ``slip`` into both training configs (pretraining and continued)."""
+        self.pretrain = replace(self.pretrain, objective=self.objective, slip=self.slip)
+        self.continued = replace(self.continued, objective=self.objective, slip=self.slip)
+        return self
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -72,7 +82,11 @@ class DemoConfig:
 def _pretrain_key(cfg: DemoConfig) -> str:
     """Cache key: everything that determines the pretrained weights."""
     model_cfg = (CONFIG_DIR / f"{cfg.pretrain.model}.json")
-    blob = json.dumps({"world_seed": cfg.world_seed, "n_train": cfg.n_train, "pretrain": asdict(cfg.pretrain),
+    pretrain = asdict(cfg.pretrain)
+    if pretrain.get("objective") == "clip":  # CLIP runs keep the keys they had before the SLIP options existed
+        pretrain.pop("objective")
+        pretrain.pop("slip", None)
+    blob = json.dumps({"world_seed": cfg.world_seed, "n_train": cfg.n_train, "pretrain": pretrain,
                        "model_cfg": model_cfg.read_text() if model_cfg.exists() else cfg.pretrain.model,
                        "world_version": world.WORLD_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -82,7 +96,8 @@ def pretrained_checkpoint(cfg: DemoConfig, train_pairs: PairTensors, cache_dir: 
     """The "existing checkpoint" the demo starts from: trained from scratch once, then cached."""
     run_dir = cache_dir / f"pretrain-{_pretrain_key(cfg)}"
     ckpt = run_dir / "model.pt"
-    if ckpt.is_file():
+    # a SLIP run writes its SimCLR head before model.pt, so model.pt alone marks a complete run
+    if ckpt.is_file() and (cfg.pretrain.objective != "slip" or (run_dir / HEAD_FILE).is_file()):
         log.info("using cached pretrained checkpoint %s", ckpt)
         return ckpt
     log.info("pretraining the starting model (%d steps); cached at %s", cfg.pretrain.steps, run_dir)
@@ -117,11 +132,19 @@ def build_world(cfg: DemoConfig) -> DemoWorld:
 
 
 def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[Path] = None,
-             config: Optional[DemoConfig] = None) -> Dict:
-    """Run every stage; write ``out/results.json`` and ``out/report.html``; return the results."""
+             config: Optional[DemoConfig] = None, objective: Optional[str] = None) -> Dict:
+    """Run every stage; write ``out/results.json`` and ``out/report.html``; return the results.
+
+    ``objective`` ("clip" or "slip") overrides the config's: with "slip" the
+    starting model is pretrained with SLIP's loss and both continued runs
+    (baseline and HELIP) use it too, so they differ only in what HELIP adds.
+    """
     from .report import write_report
 
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
+    if objective is not None:
+        cfg.objective = objective
+    cfg.with_objective()
     cfg.continued = replace(cfg.continued, seed=seed, progress=cfg.progress)
     cfg.mine = replace(cfg.mine, progress=cfg.progress)
     out = Path(out)
@@ -171,6 +194,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
 
     results["meta"] = {
         "seed": seed, "world_seed": cfg.world_seed, "quick": quick, "model": cfg.pretrain.model,
+        "objective": cfg.objective,
         "pretrained_checkpoint": str(start_ckpt), "split_sizes": {k: len(v) for k, v in splits.items()},
         "continued_training": asdict(cfg.continued), "mining": hard.meta, "timings_seconds": timings,
         "reported_split": "test",

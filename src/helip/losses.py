@@ -1,4 +1,4 @@
-"""HELIP's losses: the Hard Negative Margin Loss, composed with OpenCLIP's ClipLoss.
+"""HELIP's losses: the Hard Negative Margin Loss, composed with OpenCLIP's ClipLoss; SLIP's SimCLR term.
 
 HNML (METHOD.md section 2), with s the cosine similarity:
 
@@ -11,6 +11,10 @@ The mean over i runs over the samples that have at least one partner in the
 batch; a batch with none adds zero. Which pairs count as partners is a boolean
 [B, B] mask built by ``hard_partner_mask`` from the mined lists, so the loss
 itself knows nothing about samplers or datasets.
+
+For SLIP models the main loss is SLIP's: CLIP loss + ssl_scale x SimCLR
+(NT-Xent) loss on two augmented views of each image (``SimCLRLoss``,
+``SlipLoss``); HNML is added on top exactly as for CLIP.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
 from open_clip import ClipLoss
+from open_clip.loss import gather_features
 from torch import nn
 
 
@@ -86,4 +92,80 @@ class HelipLoss(nn.Module):
             out["hnml"] = self.hnml(image_features, text_features, partner_mask)
             total = total + out["hnml"]
         out["total"] = total
+        return out
+
+
+class SimCLRLoss(nn.Module):
+    """SimCLR's NT-Xent loss on two views, as SLIP computes it (temperature 0.1 by default).
+
+    With q_a, q_b the L2-normalised embeddings of the two views of this rank's
+    images and k_a, k_b the same gathered from every rank, image i's view a
+    must pick its own view b among all view-b keys and all *other* view-a keys:
+
+        loss_a(i) = -log softmax_i([q_a(i) . k_b, q_a(i) . k_a with i masked] / t)
+
+    symmetrically for view b, and the loss is (mean loss_a + mean loss_b) / 2.
+    Under torch.distributed the keys are gathered across ranks like
+    OpenCLIP's ClipLoss does (``open_clip.loss.gather_features``), with
+    gradients through the gathered keys by default as in SLIP; rank and world
+    size are read from the initialised process group unless given.
+    """
+
+    def __init__(self, temperature: float = 0.1, gather_with_grad: bool = True,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+        self.gather_with_grad = gather_with_grad
+        self.rank = rank
+        self.world_size = world_size
+
+    def _rank_world(self):
+        if self.world_size is not None:
+            return self.rank or 0, self.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def forward(self, aug1_embed: torch.Tensor, aug2_embed: torch.Tensor) -> torch.Tensor:
+        q_a = F.normalize(aug1_embed, dim=-1)
+        q_b = F.normalize(aug2_embed, dim=-1)
+        n = q_a.shape[0]
+        rank, world = self._rank_world()
+        if world > 1:
+            k_a, k_b = gather_features(q_a, q_b, local_loss=False, gather_with_grad=self.gather_with_grad,
+                                       rank=rank, world_size=world)
+        else:
+            k_a, k_b = q_a, q_b
+        labels = torch.arange(n, device=q_a.device) + n * rank
+        self_mask = F.one_hot(labels, k_a.shape[0]).to(torch.bool)
+        t = self.temperature
+        aa = (q_a @ k_a.T / t).masked_fill(self_mask, float("-inf"))
+        bb = (q_b @ k_b.T / t).masked_fill(self_mask, float("-inf"))
+        ab = q_a @ k_b.T / t
+        ba = q_b @ k_a.T / t
+        loss_a = F.cross_entropy(torch.cat([ab, aa], dim=1), labels)
+        loss_b = F.cross_entropy(torch.cat([ba, bb], dim=1), labels)
+        return (loss_a + loss_b) / 2
+
+
+class SlipLoss(nn.Module):
+    """SLIP's objective plus HELIP: ``HelipLoss`` (CLIP loss + HNML) + ``ssl_scale`` x ``SimCLRLoss``."""
+
+    def __init__(self, helip_loss: Optional[HelipLoss] = None, simclr: Optional[SimCLRLoss] = None,
+                 ssl_scale: float = 1.0):
+        super().__init__()
+        self.helip_loss = helip_loss or HelipLoss()
+        self.simclr = simclr or SimCLRLoss()
+        self.ssl_scale = ssl_scale
+
+    def forward(self, image_features, text_features, logit_scale, partner_mask: Optional[torch.Tensor] = None,
+                aug1_embed: Optional[torch.Tensor] = None,
+                aug2_embed: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        if aug1_embed is None or aug2_embed is None:
+            raise ValueError("SlipLoss needs the SimCLR embeddings of both augmented views")
+        out = self.helip_loss(image_features, text_features, logit_scale, partner_mask)
+        out["ssl"] = self.simclr(aug1_embed, aug2_embed)
+        out["total"] = out["total"] + self.ssl_scale * out["ssl"]
         return out

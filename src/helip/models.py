@@ -32,7 +32,11 @@ def register_configs() -> None:
 
     After this, ``open_clip.create_model("helip-tiny-vit", pretrained=path)``
     works in any script, which is how helip's checkpoints are meant to be read.
+    It also registers SLIP's ViT-S/16 trunk with timm (``SLIP-ViT-S-16`` needs it).
     """
+    from .slip import register_timm_models
+
+    register_timm_models()
     if DEMO_MODEL not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
 
@@ -92,10 +96,13 @@ def load_model(model: str = DEMO_MODEL, pretrained: Optional[str] = None, device
     OpenCLIP's own loader strips them --, anything OpenCLIP's loader reads) or
     an OpenCLIP pretrained tag (downloaded by OpenCLIP only then).
     """
+    from .slip import preprocess_overrides
+
     name = resolve_model_name(model)
     check_pretrained(name, pretrained)
     try:
-        m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                **preprocess_overrides(name))
     except RuntimeError as e:
         if pretrained is not None and ("size mismatch" in str(e) or "Missing key" in str(e)):
             raise InputError(f"checkpoint {pretrained} does not fit model {name!r} ({str(e).splitlines()[0]}); "

@@ -30,8 +30,12 @@ from .losses import HardNegativeMarginLoss, HelipLoss, hard_partner_mask
 from .mining.store import HardPairs
 from .models import DEMO_MODEL, load_model, save_checkpoint
 from .sampler import HardPairBatchSampler
+from .slip import HEAD_FILE, SlipConfig, build_slip_training, save_head
 
 log = logging.getLogger(__name__)
+
+
+OBJECTIVES = ("clip", "slip")
 
 
 @dataclass
@@ -53,8 +57,14 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 10
     progress: bool = True
+    objective: str = "clip"  # "clip": OpenCLIP's ClipLoss; "slip": SLIP's CLIP + SimCLR loss (see helip.slip)
+    slip: SlipConfig = field(default_factory=SlipConfig)
 
     def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+        if self.objective == "slip":
+            self.slip.validate()
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -99,6 +109,9 @@ def train(cfg: TrainConfig, pairs: PairTensors, out_dir: Path, hard: Optional[Ha
         cfg.top_k, seed=cfg.seed, num_samples=len(pairs), drop_last=True)
     hnml = HardNegativeMarginLoss(cfg.hnml_margin, cfg.hnml_weight) if use_hard and cfg.hnml_weight > 0 else None
     criterion = HelipLoss(ClipLoss(), hnml)
+    slip = cfg.objective == "slip"
+    if slip:  # the model also returns two views' SimCLR embeddings; the loss adds ssl_scale x SimCLR
+        model, criterion = build_slip_training(model, criterion, cfg.slip, cfg.pretrained, cfg.device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = cosine_lr(optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
 
@@ -118,8 +131,9 @@ def train(cfg: TrainConfig, pairs: PairTensors, out_dir: Path, hard: Optional[Ha
                 images = pairs.images[idx].to(cfg.device, non_blocking=True)
                 tokens = pairs.tokens[idx].to(cfg.device, non_blocking=True)
                 mask = hard_partner_mask(batch, hard.indices, cfg.top_k, device=cfg.device) if hnml else None
-                image_f, text_f, logit_scale = model(images, tokens)[:3]
-                losses = criterion(image_f, text_f, logit_scale, mask)
+                out = model(images, tokens)
+                image_f, text_f, logit_scale = out[:3]
+                losses = criterion(image_f, text_f, logit_scale, mask, *(out[3:5] if slip else ()))
                 optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()
                 optimizer.step()
@@ -143,7 +157,9 @@ def train(cfg: TrainConfig, pairs: PairTensors, out_dir: Path, hard: Optional[Ha
                     bar.set_postfix(loss=f"{rec['total']:.3f}")
             epoch += 1
     seconds = time.perf_counter() - t_start
-    ckpt = save_checkpoint(model, out_dir / "model.pt")
+    if slip:  # before model.pt, so a model.pt from a SLIP run always has its head beside it
+        save_head(model.head, out_dir / HEAD_FILE)
+    ckpt = save_checkpoint(lm.model, out_dir / "model.pt")
     save_json(out_dir / "train_config.json", {**asdict(cfg), "hard_pairs_meta": hard.meta if use_hard else None,
                                               "epochs_started": epoch, "seconds": round(seconds, 2)})
     log.info("trained %d steps in %.1fs -> %s", cfg.steps, seconds, ckpt)
