@@ -124,6 +124,7 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: Optional[int] = None
+    model: Optional[torch.nn.Module] = None  # the trained model (this rank's replica), unwrapped from DDP
 
 
 # ----------------------------------------------------------------------------- data
@@ -318,7 +319,9 @@ class Trainer:
     larger, for the contrastive loss (every sample sees all others as
     negatives) and for HNML (its partner mask spans the concatenation). The
     price is one extra forward pass without gradients. Dropout is reseeded
-    identically for the cached and the recomputed pass of a micro-batch.
+    identically for the cached and the recomputed pass of a micro-batch, and
+    only the last pass lets the logit scale's gradient through (open_clip_train
+    lets every pass add it, multiplying it by the number of micro-batches).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: str, info: Optional[DistInfo] = None,
@@ -391,9 +394,11 @@ class Trainer:
                     self._seed(step, j)
                     with self.autocast():
                         image_f, text_f, logit_scale = self._forward(images, tokens)
+                        # every pass computes the whole loss: let only one carry the temperature's gradient
+                        scale = logit_scale if last else logit_scale.detach()
                         all_img = torch.cat(cached_img[:j] + [image_f] + cached_img[j + 1:])
                         all_txt = torch.cat(cached_txt[:j] + [text_f] + cached_txt[j + 1:])
-                        losses = self.criterion(all_img, all_txt, logit_scale, mask)
+                        losses = self.criterion(all_img, all_txt, scale, mask)
                     self.scaler.scale(losses["total"]).backward()
         if self.cfg.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -629,4 +634,5 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
         log.info("trained to step %d in %.1fs -> %s", cfg.steps, seconds, ckpt)
     if info.world_size > 1:
         dist.barrier()
-    return TrainResult(checkpoint=ckpt, history=history, seconds=seconds, resumed_from=resumed_from)
+    return TrainResult(checkpoint=ckpt, history=history, seconds=seconds, resumed_from=resumed_from,
+                       model=unwrap(trainer.model))
