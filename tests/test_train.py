@@ -16,16 +16,16 @@ import torch.multiprocessing as mp
 from helip.cli import main
 from helip.errors import ConfigError
 from helip.mining.store import HardPairs
-from helip.models import CONFIG_DIR, register_configs
+from helip.models import CONFIG_DIR
 from helip.sampler import HardPairBatchSampler
 from helip.train import Trainer, TensorPairs, TrainConfig, list_checkpoints, train
 
-N = 96  # 6 batches of 32 (16 targets + 16 partners) per epoch: the 7-step runs below cross an epoch
+N = 48  # 6 batches of 16 (8 targets + 8 partners) per epoch: the 7-step runs below cross an epoch
 
 
 def pairs(n: int = N, seed: int = 0) -> TensorPairs:
     g = torch.Generator().manual_seed(seed)
-    return TensorPairs(torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, 49407, (n, 32), generator=g))
+    return TensorPairs(torch.randn(n, 3, 32, 32, generator=g), torch.randint(1, VOCAB, (n, 32), generator=g))
 
 
 def hard_pairs(n: int = N, k: int = 6, seed: int = 0) -> HardPairs:
@@ -34,14 +34,40 @@ def hard_pairs(n: int = N, k: int = 6, seed: int = 0) -> HardPairs:
     return HardPairs(idx, np.ones_like(idx, dtype=np.float32), {"fingerprint": {"count": n}})
 
 
-@pytest.fixture(scope="module")
-def dropout_model(tmp_path_factory) -> str:
-    """The tiny model with patch dropout, so exact resume also depends on reseeding the random ops."""
+VOCAB = 1000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation, which on a shared,
+    oversubscribed CPU costs 5-15x the run time. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _test_config(tmp_path_factory, name: str, patch_dropout: float) -> str:
     cfg = json.loads((CONFIG_DIR / "helip-tiny-vit.json").read_text())
-    cfg["vision_cfg"]["patch_dropout"] = 0.25
-    path = tmp_path_factory.mktemp("cfg") / "helip-tiny-vit-dropout.json"
+    cfg["vision_cfg"]["patch_dropout"] = patch_dropout
+    cfg["text_cfg"]["vocab_size"] = VOCAB
+    path = tmp_path_factory.mktemp("cfg") / f"{name}.json"
     path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """helip-tiny-vit with a 1000-token vocabulary: the synthetic captions use no more, and most of the
+    tiny model's weights and optimiser time are its 49k-token embedding. A JSON config path, as users may pass."""
+    return _test_config(tmp_path_factory, "helip-test-tiny", 0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dropout(tmp_path_factory) -> str:
+    """The same with patch dropout, so that exact resume also depends on reseeding the random ops."""
+    return _test_config(tmp_path_factory, "helip-test-tiny-dropout", 0.25)
 
 
 def weights(path: Path) -> dict:
@@ -65,13 +91,13 @@ def kill_after(step: int):
 
 
 def base_cfg(**kw) -> TrainConfig:
-    c = TrainConfig(steps=7, batch_size=32, lr=2e-3, warmup_steps=2, top_k=6, log_every=1, progress=False)
+    c = TrainConfig(steps=7, batch_size=16, lr=2e-3, warmup_steps=2, top_k=6, log_every=1, progress=False)
     return replace(c, **kw)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, dropout_model):
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_dropout):
     data, hard = pairs(), hard_pairs()
-    cfg = base_cfg(model=dropout_model, save_every=3)
+    cfg = base_cfg(model=tiny_dropout, save_every=3)
     full = train(cfg, data, tmp_path / "full", hard)
     # killed after step 5: the last checkpoint is step 3, steps 4-5 are lost and redone, step 7 starts epoch 1
     with pytest.raises(Killed):
@@ -96,46 +122,44 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, dropout_mode
     assert all(r["samples_per_second"] > 0 and "hnml" in r for r in log)
 
 
-def test_resume_without_reseeding_would_differ(tmp_path, dropout_model, monkeypatch):
+def test_resume_without_reseeding_would_differ(tmp_path, tiny_dropout, monkeypatch):
     """Negative control: the dropout model's weights depend on the random stream the loop reseeds."""
     data, hard = pairs(), hard_pairs()
-    cfg = base_cfg(model=dropout_model, steps=2)
+    cfg = base_cfg(model=tiny_dropout, steps=2)
     a = train(cfg, data, tmp_path / "a", hard)
     monkeypatch.setattr(Trainer, "_seed", lambda self, step, micro: torch.manual_seed(1234 + step))
     b = train(cfg, data, tmp_path / "b", hard)
     assert max_diff(weights(a.checkpoint), weights(b.checkpoint)) > 1e-4
 
 
-def test_checkpoints_hold_the_training_state_and_load_in_stock_open_clip(tmp_path):
-    res = train(base_cfg(steps=4, save_every=2), pairs(), tmp_path, hard_pairs())
+def test_checkpoints_hold_the_training_state_and_load_in_stock_open_clip(tmp_path, tiny):
+    res = train(base_cfg(model=tiny, steps=4, save_every=2), pairs(), tmp_path, hard_pairs())
     found = list_checkpoints(tmp_path)
     assert [s for s, _ in found] == [2, 4]
     state = torch.load(found[-1][1], map_location="cpu", weights_only=True)
     assert {"state_dict", "optimizer", "scaler", "step", "sampler_epoch", "rng", "config"} <= set(state)
     assert state["step"] == 4 and state["sampler_epoch"] == 0  # 6 steps per epoch
-    register_configs()
-    stock = open_clip.create_model("helip-tiny-vit", pretrained=str(found[-1][1]))
+    stock = open_clip.create_model("helip-test-tiny", pretrained=str(found[-1][1]))
     assert max_diff(stock.state_dict(), weights(res.checkpoint)) == 0.0
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_resume_with_other_options_is_refused(tmp_path):
-    train(base_cfg(steps=2), pairs(), tmp_path, hard_pairs())
-    with pytest.raises(ConfigError, match="batch_size: 32 -> 48"):
-        train(base_cfg(steps=2, batch_size=48, resume="auto"), pairs(), tmp_path, hard_pairs())
+def test_resume_with_other_options_is_refused(tmp_path, tiny):
+    train(base_cfg(model=tiny, steps=2), pairs(), tmp_path, hard_pairs())
+    with pytest.raises(ConfigError, match="batch_size: 16 -> 24"):
+        train(base_cfg(model=tiny, steps=2, batch_size=24, resume="auto"), pairs(), tmp_path, hard_pairs())
 
 
-def test_feature_caching_accumulation_equals_one_big_batch():
-    """Two micro-batches of 16 with accumulation give the step of one batch of 32, HNML included."""
+def test_feature_caching_accumulation_equals_one_big_batch(tiny):
+    """Two micro-batches of 8 with accumulation give the step of one batch of 16, HNML included."""
     data, hard = pairs(), hard_pairs()
-    idx = torch.arange(32)
+    idx = torch.arange(16)
     images, tokens = data.gather(idx.tolist())
-    register_configs()
     results = []
-    for micro in ([(idx, images, tokens)], [(idx[:16], images[:16], tokens[:16]), (idx[16:], images[16:], tokens[16:])]):
+    for micro in ([(idx, images, tokens)], [(idx[:8], images[:8], tokens[:8]), (idx[8:], images[8:], tokens[8:])]):
         torch.manual_seed(0)
-        model = open_clip.create_model("helip-tiny-vit")
-        cfg = base_cfg(accum_steps=len(micro))
+        model = open_clip.create_model("helip-test-tiny")
+        cfg = base_cfg(model=tiny, accum_steps=len(micro))
         trainer = Trainer(model, cfg, "cpu", hard_indices=hard.indices)
         out = trainer.step(micro, 0)
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -147,7 +171,7 @@ def test_feature_caching_accumulation_equals_one_big_batch():
         torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_accumulation_in_the_loop_uses_accum_steps_micro_batches(tmp_path):
+def test_accumulation_in_the_loop_uses_accum_steps_micro_batches(tmp_path, tiny):
     seen = []
 
     class Recording(TensorPairs):
@@ -157,11 +181,12 @@ def test_accumulation_in_the_loop_uses_accum_steps_micro_batches(tmp_path):
 
     data = pairs()
     rec = Recording(data.images, data.tokens)
-    # plain batches: 2 micro-batches of 16 per step equal batches of 32, so the runs match
-    big = train(base_cfg(steps=3, batch_size=32, hard_per_target=0), data, tmp_path / "big")
-    small = train(base_cfg(steps=3, batch_size=16, accum_steps=2, hard_per_target=0), rec, tmp_path / "small")
-    assert len(seen) == 6 and all(len(b) == 16 for b in seen)
-    # the losses see 32 samples per step (micro-batch-local losses would be near log(16), not log(32))
+    # plain batches: 2 micro-batches of 8 per step equal batches of 16, so the runs match
+    big = train(base_cfg(model=tiny, steps=3, batch_size=16, hard_per_target=0), data, tmp_path / "big")
+    small = train(base_cfg(model=tiny, steps=3, batch_size=8, accum_steps=2, hard_per_target=0), rec,
+                  tmp_path / "small")
+    assert len(seen) == 6 and all(len(b) == 8 for b in seen)
+    # the losses see 16 samples per step (micro-batch-local losses would be near log(8), not log(16))
     assert [r["contrastive"] for r in small.history] == pytest.approx([r["contrastive"] for r in big.history],
                                                                         abs=1e-5)
     # Adam magnifies float-summation noise in near-zero gradients: equal up to a small fraction of a step
@@ -169,12 +194,12 @@ def test_accumulation_in_the_loop_uses_accum_steps_micro_batches(tmp_path):
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
-def test_freeze_keeps_that_tower_unchanged(tmp_path, tower):
+def test_freeze_keeps_that_tower_unchanged(tmp_path, tower, tiny):
     torch.manual_seed(0)
-    register_configs()
     start = tmp_path / "start.pt"
-    torch.save(open_clip.create_model("helip-tiny-vit").state_dict(), start)
-    res = train(base_cfg(steps=2, pretrained=str(start), freeze=tower), pairs(), tmp_path / "out", hard_pairs())
+    torch.save(open_clip.create_model("helip-test-tiny").state_dict(), start)
+    cfg = base_cfg(model=tiny, steps=2, pretrained=str(start), freeze=tower)
+    res = train(cfg, pairs(), tmp_path / "out", hard_pairs())
     before, after = weights(start), weights(res.checkpoint)
     is_image = {k: k.startswith("visual.") for k in before}
     frozen = [k for k in before if is_image[k] == (tower == "image") and k != "logit_scale"]
@@ -189,7 +214,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, tiny: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -204,28 +229,30 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
             return super().gather(indices)
 
     data = pairs()
-    res = train(base_cfg(steps=4, batch_size=16, save_every=2), Recording(data.images, data.tokens), Path(out),
-                hard_pairs())
+    res = train(base_cfg(model=tiny, steps=7, batch_size=8, save_every=3), Recording(data.images, data.tokens),
+                Path(out), hard_pairs())
     torch.save({"batches": seen, "weights": res.model.state_dict()}, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_process_gloo_run_follows_the_sampler_partition(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_two_process_gloo_run_follows_the_sampler_partition(tmp_path, tiny):
+    # fork: the workers inherit the imports (spawn would re-import torch and open_clip in each)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), tiny), nprocs=2, join=True,
+                       start_method="fork")
     hard = hard_pairs()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["batches"]
-        sampler = HardPairBatchSampler(hard.indices, 16, 1, 6, num_replicas=2, rank=rank, seed=0, drop_last=True)
+        sampler = HardPairBatchSampler(hard.indices, 8, 1, 6, num_replicas=2, rank=rank, seed=0, drop_last=True)
         expected = []
-        for epoch in range(2):  # 48 targets per rank, 8 per batch: 6 batches per epoch; 4 steps fit in epoch 0
+        for epoch in range(2):  # 24 targets per rank, 4 per batch: 6 batches per epoch, 7 steps cross one
             sampler.set_epoch(epoch)
             expected += list(sampler)
-        assert got == expected[:4]
+        assert got == expected[:7]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert max_diff(r0["weights"], r1["weights"]) == 0.0  # DDP kept the replicas equal
-    assert list_checkpoints(tmp_path)[-1][0] == 4 and (tmp_path / "model.pt").is_file()
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 6, 7] and (tmp_path / "model.pt").is_file()
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("hnml" in r for r in log)
+    assert [r["step"] for r in log] == list(range(1, 8)) and all("hnml" in r for r in log)
     assert max_diff(r0["weights"], weights(tmp_path / "model.pt")) == 0.0
 
 
