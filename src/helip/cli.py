@@ -122,9 +122,15 @@ def cmd_train(args) -> None:
                       local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                       grad_clip_norm=args.grad_clip_norm, tensorboard=args.tensorboard)
     res = train(cfg, pairs, Path(args.out), hard)
-    if _init_distributed(args.device) == 0:
-        resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
-        print(f"wrote {res.checkpoint}{resumed}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
+    print(f"wrote {res.checkpoint}{resumed}")
 
 
 def cmd_eval(args) -> None:

@@ -57,11 +57,11 @@ class HardNegativeMarginLoss(nn.Module):
         i2t = F.relu(self.margin + sim - pos)   # [i, j]: s(I_i, T_j) vs s(I_i, T_i)
         t2i = F.relu(self.margin + sim.T - pos)  # [i, j]: s(I_j, T_i) vs s(I_i, T_i)
         count = mask.sum(dim=1)
-        has = count > 0
-        if not bool(has.any()):
-            return sim.sum() * 0.0
-        per_sample = ((i2t + t2i) * mask).sum(dim=1)[has] / count[has]
-        return self.weight * per_sample.mean()
+        # mean over the samples that have partners, written without data-dependent indexing or a
+        # Python branch, which would make the host wait for the GPU at every step
+        per_sample = ((i2t + t2i) * mask).sum(dim=1) / count.clamp(min=1)
+        n_with = (count > 0).sum().clamp(min=1)
+        return self.weight * per_sample.sum() / n_with
 
 
 class HelipLoss(nn.Module):

@@ -352,7 +352,10 @@ class Trainer:
     def _mask(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         if self.hnml is None:
             return None
-        return hard_partner_mask(indices.numpy(), self.hard_indices, self.cfg.top_k, device=self.device)
+        mask = hard_partner_mask(indices.numpy(), self.hard_indices, self.cfg.top_k)
+        if self.device.startswith("cuda"):  # pinned + non_blocking: no host-device sync at every step
+            return mask.pin_memory().to(self.device, non_blocking=True)
+        return mask
 
     def _seed(self, step: int, micro: int) -> None:
         torch.manual_seed(step_seed(self.cfg.seed, step, micro, self.info.rank))
