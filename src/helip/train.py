@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, InputError
 from .io import save_json, save_text, save_torch
-from .losses import HardNegativeMarginLoss, HelipLoss, hard_partner_mask
+from .losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
 from .mining.store import HardPairs
 from .models import DEMO_MODEL, load_model, save_checkpoint
 from .sampler import HardPairBatchSampler
@@ -339,6 +339,7 @@ class Trainer:
                                             if device.startswith("cuda") else None)
         self.model = model
         self.hard_indices = hard_indices
+        self.masker = PartnerMasker(hard_indices, cfg.top_k) if hard_indices is not None else None
         use_hnml = hard_indices is not None and cfg.hnml_weight > 0
         self.hnml = HardNegativeMarginLoss(cfg.hnml_margin, cfg.hnml_weight) if use_hnml else None
         clip_loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
@@ -352,7 +353,7 @@ class Trainer:
     def _mask(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         if self.hnml is None:
             return None
-        mask = hard_partner_mask(indices.numpy(), self.hard_indices, self.cfg.top_k)
+        mask = self.masker(indices.numpy())
         if self.device.startswith("cuda"):  # pinned + non_blocking: no host-device sync at every step
             return mask.pin_memory().to(self.device, non_blocking=True)
         return mask
