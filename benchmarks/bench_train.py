@@ -24,8 +24,12 @@ timed as part of helip's step), then images[idx], tokens[idx] gathered on the de
 Timing: one untimed warm-up block per variant, then --reps rounds; in each round every
 variant runs --steps steps back to back, in a rotated order (CPU contention and clock
 changes hit all variants alike). CUDA is synchronised before and after each block.
-Reported: median samples/s per variant, the median over rounds of the per-round ratios
-helip_plain/open_clip_train and helip_hard/helip_plain, and, measured separately on the
+Reported: median samples/s per variant (wall clock, and on CPU also per second of the
+process's CPU time, which other jobs on a shared machine do not inflate; the CPU run uses
+one intra-op thread so that CPU time is the work done), the median over rounds of the
+per-round ratios helip_plain/open_clip_train, helip_hard/open_clip_train and
+helip_hard/helip_plain (from CPU time on CPU, wall clock on CUDA; both are in the JSON),
+and, measured separately on the
 same batches, the milliseconds per step of the sampler, the partner mask and the HNML
 forward+backward (HELIP's three additions). Goals (issue 4): helip_hard >= 0.95x
 open_clip_train; sampler + HNML under 3% of the step.
@@ -76,7 +80,8 @@ def parse_args(argv=None):
     ap.add_argument("--n", type=int, default=0, help="synthetic pairs (default: 4 batches' worth, at least 1024)")
     ap.add_argument("--k", type=int, default=50, help="hard-pair list length (sampler top_k)")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave as is)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: 1 on CPU, torch's default on CUDA)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/bench_train.json")
     return ap.parse_args(argv)
@@ -215,6 +220,8 @@ def helip_additions_ms(a, hard, images, tokens, model_state) -> dict:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.threads is None and not a.device.startswith("cuda"):
+        a.threads = 1
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -247,25 +254,34 @@ def main(argv=None) -> dict:
     for r in runners.values():
         r.run(a.warmup)
     sync(a.device)
-    sps = {v: [] for v in VARIANTS}
+    sps = {v: [] for v in VARIANTS}      # samples per wall-clock second
+    sps_cpu = {v: [] for v in VARIANTS}  # samples per second of this process's CPU time
     for rep in range(a.reps):
         order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
         for v in order:
             sync(a.device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             runners[v].run(a.steps)
             sync(a.device)
             sps[v].append(a.steps * a.batch_size / (time.perf_counter() - t))
+            sps_cpu[v].append(a.steps * a.batch_size / max(time.process_time() - c, 1e-9))
         print(f"round {rep + 1}/{a.reps}: " + "  ".join(f"{v} {sps[v][-1]:.1f}/s" for v in VARIANTS), flush=True)
+    # On a CPU shared with other jobs, wall-clock time counts the time other processes held the cores;
+    # with one intra-op thread (--threads 1) CPU time does not, so the ratios use it there. On CUDA the
+    # host's CPU time is not the work: wall-clock there.
+    on_cpu = not a.device.startswith("cuda")
+    basis = sps_cpu if on_cpu else sps
     del runners
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
     adds = helip_additions_ms(a, hard, images, tokens, state)
     med = {v: statistics.median(x) for v, x in sps.items()}
-    step_ms = 1e3 * a.batch_size / med["helip_plain"]
+    med_cpu = {v: statistics.median(x) for v, x in sps_cpu.items()}
+    step_ms = 1e3 * a.batch_size / statistics.median(basis["helip_plain"])
 
-    def ratio(x, y):
-        return statistics.median([p / q for p, q in zip(sps[x], sps[y])])
+    def ratio(x, y, d=None):
+        d = d or basis
+        return statistics.median([p / q for p, q in zip(d[x], d[y])])
 
     extra_ms = adds["sampler_hard_ms"] - adds["sampler_plain_ms"] + adds["partner_mask_ms"] + adds["hnml_fwd_bwd_ms"]
     result = {
@@ -277,6 +293,13 @@ def main(argv=None) -> dict:
         "load_average": list(os.getloadavg()),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
         "samples_per_second": {v: {"median": med[v], "rounds": sps[v]} for v in VARIANTS},
+        "samples_per_cpu_second": {v: {"median": med_cpu[v], "rounds": sps_cpu[v]} for v in VARIANTS},
+        "ratios_basis": "cpu_time" if on_cpu else "wall_clock",
+        "ratios_wall_clock": {
+            "helip_plain_vs_open_clip_train": ratio("helip_plain", "open_clip_train", sps),
+            "helip_hard_vs_open_clip_train": ratio("helip_hard", "open_clip_train", sps),
+            "helip_hard_vs_helip_plain": ratio("helip_hard", "helip_plain", sps),
+        },
         "ratios": {
             "helip_plain_vs_open_clip_train": ratio("helip_plain", "open_clip_train"),
             "helip_hard_vs_open_clip_train": ratio("helip_hard", "open_clip_train"),
@@ -291,7 +314,9 @@ def main(argv=None) -> dict:
     save_json(Path(a.out), result)
     r = result["ratios"]
     print(f"samples/s (median of {a.reps}): " + ", ".join(f"{v} {med[v]:.1f}" for v in VARIANTS))
-    print(f"helip_plain/open_clip_train {r['helip_plain_vs_open_clip_train']:.3f}  "
+    if on_cpu:
+        print(f"samples/CPU-s (median of {a.reps}): " + ", ".join(f"{v} {med_cpu[v]:.1f}" for v in VARIANTS))
+    print(f"ratios ({result['ratios_basis']}, median over rounds): helip_plain/open_clip_train {r['helip_plain_vs_open_clip_train']:.3f}  "
           f"helip_hard/open_clip_train {r['helip_hard_vs_open_clip_train']:.3f}  "
           f"helip_hard/helip_plain {r['helip_hard_vs_helip_plain']:.3f}")
     print(f"HELIP additions per step: sampler {adds['sampler_hard_ms']:.2f} ms (plain {adds['sampler_plain_ms']:.2f}), "

@@ -279,3 +279,22 @@ def test_cli_tensorboard_without_the_package_is_one_clear_error(tmp_path, capsys
     assert main(["train", "--n-train", "64", "--out", str(tmp_path), "--steps", "1", "--batch-size", "32",
                  "--tensorboard"]) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
+
+
+def test_any_pair_dataset_through_dataloader_workers_trains_the_same(tmp_path, tiny):
+    """The loop's contract with the dataset formats: a map-style Dataset of (image, tokens), read by workers."""
+
+    class PerItem(torch.utils.data.Dataset):  # no batched gather: the generic path
+        def __init__(self, p):
+            self.p = p
+
+        def __len__(self):
+            return len(self.p)
+
+        def __getitem__(self, i):
+            return self.p.images[i], self.p.tokens[i]
+
+    data, hard = pairs(), hard_pairs()
+    ref = train(base_cfg(model=tiny, steps=3), data, tmp_path / "a", hard)
+    other = train(base_cfg(model=tiny, steps=3, workers=2), PerItem(data), tmp_path / "b", hard)
+    assert max_diff(weights(ref.checkpoint), weights(other.checkpoint)) == 0.0
