@@ -126,21 +126,37 @@ def cmd_train(args) -> None:
     from .io import fingerprint
     from .mining import load_hard_pairs
     from .slip import SlipConfig
-    from .train import TrainConfig, train
+    from .train import TrainConfig, check_fresh_out_dir, train
 
+    if args.resume is None:
+        check_fresh_out_dir(Path(args.out))
+    _init_distributed(args.device)
     split = _world_split(args)
     # check the hard pairs belong to this dataset before any expensive work
     hard = load_hard_pairs(Path(args.hard_pairs), fingerprint(split.captions)) if args.hard_pairs else None
-    _, pairs = _model_and_pairs(args, split)
+    _, pairs = _model_and_pairs(argparse.Namespace(**{**vars(args), "device": "cpu"}), split)
     cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
                       hnml_weight=args.hnml_weight if hard is not None else 0.0, hnml_margin=args.hnml_margin,
                       device=args.device, objective=args.objective,
                       slip=SlipConfig(ssl_scale=args.ssl_scale, ssl_temperature=args.ssl_temperature,
-                                      head=args.slip_head, mlp_dim=args.simclr_mlp_dim, out_dim=args.simclr_out_dim))
+                                      head=args.slip_head, mlp_dim=args.simclr_mlp_dim, out_dim=args.simclr_out_dim),
+                      weight_decay=args.weight_decay, log_every=args.log_every,
+                      precision=args.precision, accum_steps=args.accum_steps, freeze=args.freeze,
+                      workers=args.workers, save_every=args.save_every, resume=args.resume,
+                      local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                      grad_clip_norm=args.grad_clip_norm, tensorboard=args.tensorboard)
     res = train(cfg, pairs, Path(args.out), hard)
-    print(f"wrote {res.checkpoint}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    resumed = f" (resumed from step {res.resumed_from})" if res.resumed_from is not None else ""
+    print(f"wrote {res.checkpoint}{resumed}")
 
 
 def cmd_convert_slip(args) -> None:
@@ -256,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")
     p.set_defaults(func=cmd_mine)
 
-    from .train import TrainConfig
+    from .train import FREEZE, PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="continue training with hard-pair batches and HNML")
@@ -280,6 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slip: SimCLR head file (default: simclr_head.pt beside --pretrained, else a fresh head)")
     p.add_argument("--simclr-mlp-dim", type=int, default=d.slip.mlp_dim, help="slip: hidden width of a fresh head")
     p.add_argument("--simclr-out-dim", type=int, default=d.slip.out_dim, help="slip: output width of a fresh head")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between JSONL log records")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="AMP on CUDA (auto: bf16 where supported); fp32 on CPU whatever is asked")
+    p.add_argument("--accum-steps", type=int, default=d.accum_steps,
+                   help="micro-batches per optimiser step; the losses see them as one batch (feature caching)")
+    p.add_argument("--freeze", default=None, choices=FREEZE, help="keep this tower's weights as loaded")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--save-every", type=int, default=d.save_every,
+                   help="resumable checkpoint every N steps in OUT/checkpoints (0: only the final one)")
+    p.add_argument("--resume", default=None,
+                   help="'auto': continue from the latest checkpoint in --out (fresh start if none); or a path")
+    p.add_argument("--local-loss", action="store_true", help="OpenCLIP ClipLoss local_loss (multi-GPU)")
+    p.add_argument("--gather-with-grad", action="store_true", help="OpenCLIP ClipLoss gather_with_grad (multi-GPU)")
+    p.add_argument("--grad-clip-norm", type=float, default=None)
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (needs tensorboard)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert-slip", help="convert a facebookresearch/SLIP checkpoint to OpenCLIP + SimCLR head")

@@ -35,14 +35,46 @@ def hard_partner_mask(batch_indices, hard_pairs: np.ndarray, top_k: int = 50, sy
 
     ``symmetric=True`` also counts a as a partner of b when b lists a: a hard
     pair is a confusable *pair of pairs*, whichever of the two was the target.
+    For a mask per training step, build a ``PartnerMasker`` once instead.
     """
-    idx = np.asarray(batch_indices, dtype=np.int64)
-    lists = np.asarray(hard_pairs[idx, :top_k], dtype=np.int64)
-    mask = (lists[:, :, None] == idx[None, None, :]).any(axis=1)
-    if symmetric:
-        mask |= mask.T
-    np.fill_diagonal(mask, False)
-    return torch.from_numpy(mask).to(device)
+    return PartnerMasker(hard_pairs, top_k, symmetric)(batch_indices, device)
+
+
+class PartnerMasker:
+    """``hard_partner_mask`` for many batches: O(B * top_k) per batch, not O(B^2 * top_k).
+
+    Keeps a position table over all N pairs (int32, reset after each batch),
+    so looking up where each list entry sits in the batch is one gather.
+    """
+
+    def __init__(self, hard_pairs: np.ndarray, top_k: int = 50, symmetric: bool = True):
+        self.hard = hard_pairs
+        self.top_k, self.symmetric = top_k, symmetric
+        self.where = np.full(len(hard_pairs) + 1, -1, dtype=np.int32)  # last slot: the -1 padding
+
+    def __call__(self, batch_indices, device=None) -> torch.Tensor:
+        idx = np.asarray(batch_indices, dtype=np.int64)
+        lists = np.asarray(self.hard[idx, :self.top_k], dtype=np.int64)
+        n = len(idx)
+        self.where[idx] = np.arange(n, dtype=np.int32)
+        try:
+            if not np.array_equal(self.where[idx], np.arange(n)):
+                # a pair twice in the batch (micro-batches accumulated together): mark every copy
+                mask = (lists[:, :, None] == idx[None, None, :]).any(axis=1)
+                if self.symmetric:
+                    mask |= mask.T
+            else:
+                pos = self.where[lists]  # -1 padding reads the last slot, which stays -1
+                rows, cols = np.nonzero(pos >= 0)
+                cols = pos[rows, cols]
+                mask = np.zeros((n, n), dtype=bool)
+                mask[rows, cols] = True
+                if self.symmetric:
+                    mask[cols, rows] = True
+        finally:
+            self.where[idx] = -1
+        np.fill_diagonal(mask, False)
+        return torch.from_numpy(mask).to(device)
 
 
 class HardNegativeMarginLoss(nn.Module):
@@ -63,11 +95,11 @@ class HardNegativeMarginLoss(nn.Module):
         i2t = F.relu(self.margin + sim - pos)   # [i, j]: s(I_i, T_j) vs s(I_i, T_i)
         t2i = F.relu(self.margin + sim.T - pos)  # [i, j]: s(I_j, T_i) vs s(I_i, T_i)
         count = mask.sum(dim=1)
-        has = count > 0
-        if not bool(has.any()):
-            return sim.sum() * 0.0
-        per_sample = ((i2t + t2i) * mask).sum(dim=1)[has] / count[has]
-        return self.weight * per_sample.mean()
+        # mean over the samples that have partners, written without data-dependent indexing or a
+        # Python branch, which would make the host wait for the GPU at every step
+        per_sample = ((i2t + t2i) * mask).sum(dim=1) / count.clamp(min=1)
+        n_with = (count > 0).sum().clamp(min=1)
+        return self.weight * per_sample.sum() / n_with
 
 
 class HelipLoss(nn.Module):
