@@ -16,6 +16,7 @@ Variants:
   hnml_w0.5/w2      HNML weight 0.5 / 2.0
   hnml_m0.1/m0.4    HNML margin 0.1 / 0.4
   h3                3 hard partners per target
+  mix0.5            half of each batch in target+partner groups, half random targets
   mined_text        hard pairs mined by caption similarity only (the paper's ablation)
   mined_image       ... by image similarity only
   random_pairs      "hard" pairs drawn at random: batches of the same shape with no mining
@@ -59,11 +60,12 @@ VARIANTS = {
     "hnml_m0.1": ({"hnml_margin": 0.1}, "hpm"),
     "hnml_m0.4": ({"hnml_margin": 0.4}, "hpm"),
     "h3": ({"hard_per_target": 3}, "hpm"),
+    "mix0.5": ({"hard_fraction": 0.5}, "hpm"),
     "mined_text": ({}, "text"),
     "mined_image": ({}, "image"),
     "random_pairs": ({}, "random"),
 }
-HELIP_FAMILY = ("helip", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3")
+HELIP_FAMILY = ("helip", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5")
 METRICS = {"zeroshot_mean": lambda r: r["zeroshot_mean"], "linear_probe": lambda r: r["linear_probe"],
            "i2t_r1": lambda r: r["retrieval"]["i2t_r1"], "t2i_r1": lambda r: r["retrieval"]["t2i_r1"]}
 
@@ -164,9 +166,14 @@ def main(argv=None) -> int:
               "pretrained": evaluate(ckpt), "runs": []}
     if args.resume_from:
         prev = json.loads(Path(args.resume_from).read_text())
-        for key in ("continued_training", "pretrain_steps", "mining_k", "device"):
-            if json.dumps(prev[key], sort_keys=True) != json.dumps(report[key], sort_keys=True):
+        for key in ("pretrain_steps", "mining_k", "device"):
+            if prev[key] != report[key]:
                 ap.error(f"--resume-from {args.resume_from} was run with another {key}; start afresh")
+        # options added since keep their old behaviour at their defaults: compare the ones both runs know
+        old, new = prev["continued_training"], report["continued_training"]
+        differ = sorted(k for k in set(old) & set(new) if k != "progress" and old[k] != new[k])
+        if differ:
+            ap.error(f"--resume-from {args.resume_from} was run with other training options ({differ})")
         report["runs"] = prev["runs"]
         # a fresh machine re-pretrains: record both starting points so a difference would show
         report["pretrained_of_resumed_runs"] = prev["pretrained"]

@@ -62,8 +62,8 @@ CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 # options that change the trajectory: a resumed run must use the same values
 _TRAJECTORY = ("model", "steps", "batch_size", "accum_steps", "lr", "weight_decay", "warmup_steps", "seed",
-               "hard_per_target", "top_k", "hnml_weight", "hnml_margin", "freeze", "local_loss",
-               "gather_with_grad", "grad_clip_norm", "objective", "slip")
+               "hard_per_target", "hard_fraction", "top_k", "hnml_weight", "hnml_margin", "freeze",
+               "local_loss", "gather_with_grad", "grad_clip_norm", "objective", "slip")
 
 
 OBJECTIVES = ("clip", "slip")
@@ -86,6 +86,7 @@ class TrainConfig:
     warmup_steps: int = 20
     seed: int = 0
     hard_per_target: int = 1
+    hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
     top_k: int = 50
     hnml_weight: float = 1.0
     hnml_margin: float = 0.2
@@ -564,7 +565,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     lm = load_model(cfg.model, cfg.pretrained, device=device)
     sampler = HardPairBatchSampler(
         hard.indices if use_hard else None, cfg.batch_size, cfg.hard_per_target if use_hard else 0,
-        cfg.top_k, num_replicas=info.world_size, rank=info.rank, seed=cfg.seed, num_samples=n, drop_last=True)
+        cfg.top_k, num_replicas=info.world_size, rank=info.rank, seed=cfg.seed, num_samples=n, drop_last=True,
+        hard_fraction=cfg.hard_fraction)
     steps_per_epoch = len(sampler) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch of {len(sampler)} batches per rank cannot fill one step of "
