@@ -37,7 +37,7 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
 
     report = {"benchmark": "HELIP vs plain continued training on the built-in world, with ablations",
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
-              "seeds": seeds, "continued_training": {k: v for k, v in vars(cfg.continued).items()},
+              "seeds": seeds, "continued_training": asdict(cfg.continued),
               "pretrain_steps": cfg.pretrain.steps, "mining_k": cfg.mine.k,
               "pretrained": evaluate(ckpt), "runs": []}
     if args.resume_from:
