@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from helip.cli import main
 from helip.data.sources import PairDataset, open_pairs
@@ -28,9 +29,11 @@ def mined(tmp_path_factory):
     caps[EMPTY] = "  "
     root = write_dataset(tmp / "d", captions=caps, shards=1, corrupt={CORRUPT})
     csv = str(root / "pairs.csv")
+    torch.manual_seed(0)  # the randomly initialised model's embeddings, whatever ran before
     assert main(["embed", "--data", csv, "--out", str(tmp / "emb"), "--batch-size", "8",
                  "--max-bad-fraction", "0.2", "--no-progress"]) == 0
-    assert main(["mine", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "hp"), "--k", "4"]) == 0
+    assert main(["mine", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "hp"), "--k", "4",
+                 "--min-similarity", "-1", "--dup-threshold", "1"]) == 0  # full rows (random model)
     return tmp, root, csv
 
 
@@ -61,6 +64,7 @@ def test_restricted_hard_pairs_keep_partners_and_every_sampler_draw_is_usable(mi
     tmp, _, csv = mined
     hard = load_hard_pairs(tmp / "hp", open_pairs(csv).fingerprint())
     assert (hard.indices[[EMPTY, CORRUPT]] == -1).all()  # mined without them (skipped.json)
+    assert (np.delete(hard.indices, [EMPTY, CORRUPT], axis=0) >= 0).all()
     usable = np.setdiff1d(np.arange(24), [EMPTY, CORRUPT])
     r = restrict_hard_pairs(hard, usable)
     assert r.indices.shape == (22, 4)
