@@ -131,10 +131,22 @@ def cmd_train(args) -> None:
     if args.resume is None:
         check_fresh_out_dir(Path(args.out))
     _init_distributed(args.device)
-    split = _world_split(args)
-    # check the hard pairs belong to this dataset before any expensive work
-    hard = load_hard_pairs(Path(args.hard_pairs), fingerprint(split.captions)) if args.hard_pairs else None
-    _, pairs = _model_and_pairs(argparse.Namespace(**{**vars(args), "device": "cpu"}), split)
+    if args.data == "world":  # in memory, preprocessed once (the demo's path)
+        split = _world_split(args)
+        # check the hard pairs belong to this dataset before any expensive work
+        hard = load_hard_pairs(Path(args.hard_pairs), fingerprint(split.captions)) if args.hard_pairs else None
+        _, pairs = _model_and_pairs(argparse.Namespace(**{**vars(args), "device": "cpu"}), split)
+    else:  # CSV/TSV, JSONL, shards: read lazily, unusable pairs never sampled (helip.data.training)
+        from .data.sources import data_config_from_args, open_pairs
+        from .data.training import build_training_data
+        from .models import load_model
+
+        source = open_pairs(data_config_from_args(args), progress=False)
+        hard = load_hard_pairs(Path(args.hard_pairs), source.fingerprint()) if args.hard_pairs else None
+        lm = load_model(args.model, args.pretrained, device="cpu")  # only for its transform and tokenizer
+        data = build_training_data(source, lm.preprocess, lm.tokenizer, hard, args.max_bad_fraction)
+        del lm
+        pairs, hard = data.dataset, data.hard
     cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
@@ -276,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = TrainConfig()
     p = sub.add_parser("train", help="continue training with hard-pair batches and HNML")
-    _add_world(p)
+    add_data_arguments(p)
+    p.add_argument("--model", default="helip-tiny-vit", help="OpenCLIP model name or JSON model config path")
+    p.add_argument("--pretrained", default=None, help="checkpoint file or OpenCLIP pretrained tag")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--hard-pairs", default=None, help="hard-pairs directory; omit for random batches")
     p.add_argument("--steps", type=int, default=d.steps)
