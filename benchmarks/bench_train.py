@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import platform
 import statistics

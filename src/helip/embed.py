@@ -40,6 +40,7 @@ from .data.sources import PairSource, UnreadableImage, check_bad_fraction
 from .errors import ConfigError, InputError
 from .io import check_fingerprint, load_json, save_json, save_with
 from .models import LoadedModel
+from .resumable import barrier, partial_dir, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -218,36 +219,6 @@ def encode_pairs(lm: LoadedModel, pairs: PairTensors, batch_size: int = 512, dev
 # The resumable, sharded writer
 # ---------------------------------------------------------------------------
 
-def _dist() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
-
-
-def _partial_dir(out_dir: Path, key: str, rank: int) -> Path:
-    partial = out_dir / ".partial"
-    stamp = partial / "key.json"
-    if rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if (out_dir / "meta.json").exists():
-                (out_dir / "meta.json").unlink()  # incomplete until the new result lands
-            if partial.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
-                log.warning("discarding partial embeddings in %s made with other data or encoders", partial)
-                shutil.rmtree(partial)
-            partial.mkdir(exist_ok=True)
-            save_json(stamp, {"key": key})
-        except OSError as e:
-            raise InputError(f"cannot write to {out_dir} ({e.strerror}); choose an --out directory you can write to.")
-    _barrier()
-    return partial
-
-
 def _save_chunk(path: Path, image: np.ndarray, text: np.ndarray, bad: List[Tuple[int, str]]) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -259,8 +230,8 @@ def _save_chunk(path: Path, image: np.ndarray, text: np.ndarray, bad: List[Tuple
 def _run_chunks(n: int, key: str, out_dir: Path, cfg: EmbedConfig,
                 encode_rows: Callable[..., Any]) -> List[Path]:
     """Encode this rank's unfinished chunks with ``encode_rows`` (a generator of finished chunks)."""
-    rank, world = _dist()
-    partial = _partial_dir(out_dir, key, rank)
+    rank, world = rank_and_world()
+    partial = partial_dir(out_dir, key, rank, "other data or encoders")
     n_chunks = -(-n // cfg.chunk_size)
     paths = [partial / f"chunk_{c:06d}.npz" for c in range(n_chunks)]
     mine = [c for c in range(rank, n_chunks, world)]
@@ -276,7 +247,7 @@ def _run_chunks(n: int, key: str, out_dir: Path, cfg: EmbedConfig,
             _save_chunk(paths[c], image, text, bad)
             bad_seen += len(bad)  # a lower bound of the total: abort as soon as it is already too many
             check_bad_fraction(bad_seen, n, cfg.max_bad_fraction, " so far")
-    _barrier()
+    barrier()
     return paths
 
 
@@ -317,7 +288,7 @@ def _write_embeddings(out_dir: Path, n: int, fp: dict, identity: dict, cfg: Embe
                                      "chunk_size": cfg.chunk_size}, sort_keys=True).encode()).hexdigest()[:16]
     t0 = time.perf_counter()
     paths = _run_chunks(n, key, out_dir, cfg, encode_rows)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if rank == 0:
         dims, bad = _collect(paths)
         reasons = [r for _, r in bad]
@@ -336,7 +307,7 @@ def _write_embeddings(out_dir: Path, n: int, fp: dict, identity: dict, cfg: Embe
         })
         shutil.rmtree(out_dir / ".partial", ignore_errors=True)
         log.info("embedded %d pairs (%d skipped%s) -> %s", n, len(bad), detail if bad else "", out_dir)
-    _barrier()
+    barrier()
     return out_dir
 
 

@@ -102,7 +102,6 @@ def search_exact_lowp(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k:
     hi, lo = dup_threshold + cos_err, min_similarity - cos_err  # beyond these a cosine is surely excluded
     keep = min(k + (slack or k + 16), n)
     txt_l, img_l = txt.to(dtype), img.to(dtype)
-    all_idx = torch.arange(n, device=txt.device)
     out_i = np.empty((len(rows), k), dtype=np.int32)
     out_s = np.empty((len(rows), k), dtype=np.float32)
     fallback = []

@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
-from ..io import save_json, save_npy, save_with
+from ..io import save_npy, save_with
+from ..resumable import barrier, partial_dir, rank_and_world
 from .ann import build_cells, default_nlist, group, joint, recall_at_k, search_ann
 from .exact import PRECISIONS, search_exact, search_exact_lowp
 from .score import METHODS
@@ -108,17 +109,6 @@ def _normalised(x: np.ndarray, what: str, device: str) -> torch.Tensor:
     return t.div_(norms.unsqueeze(1))  # in place: no second [N, d] copy
 
 
-def _dist() -> tuple:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _dist()[1] > 1:
-        torch.distributed.barrier()
-
-
 class _Run:
     """One mining run: inputs, options, the ANN cells if any, and the search of a set of targets."""
 
@@ -137,7 +127,7 @@ class _Run:
             self.cells = build_cells(joint(self.txt, self.img, self.cfg.method), nlist, self.cfg.nprobe, self.cfg.seed)
             for name, p in paths.items():
                 save_npy(p, self.cells[name])
-        _barrier()
+        barrier()
         if paths:
             self.cells = {name: np.load(p) for name, p in paths.items()}
         self.cells["members"] = group(self.cells["assign"], len(self.cells["probes"]))
@@ -160,23 +150,6 @@ class _Run:
         if mode == "subset":
             return search_subset(*common, c.candidates, c.redraw_every, c.seed, on_block=on_block)
         return search_ann(*common, self.cells, on_block=on_block)
-
-
-def _partial_dir(out_dir: Path, key: str, rank: int) -> Path:
-    partial = out_dir / ".partial"
-    stamp = partial / "key.json"
-    if rank == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if partial.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
-                log.warning("discarding partial results in %s made with other options", partial)
-                shutil.rmtree(partial)
-            partial.mkdir(exist_ok=True)
-            save_json(stamp, {"key": key})
-        except OSError as e:
-            raise InputError(f"cannot write to {out_dir} ({e.strerror}); choose an --out directory you can write to.")
-    _barrier()
-    return partial
 
 
 def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, config: Optional[MineConfig] = None,
@@ -217,7 +190,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
         image_embeddings, text_embeddings = image_embeddings[keep], text_embeddings[keep]
     n = len(image_embeddings)
     cfg.validate(n)
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if world > 1 and out_dir is None:
         raise ConfigError("a multi-process (torchrun) mining run needs an output directory to merge into.")
     img = _normalised(image_embeddings, "image", cfg.device)
@@ -227,9 +200,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     key = cfg.search_key(n)
     if keep is not None:  # the same n can be another selection of pairs
         key = hashlib.sha256((key + hashlib.sha256(keep.tobytes()).hexdigest()).encode()).hexdigest()[:16]
-    partial = _partial_dir(out_dir, key, rank) if out_dir is not None else None
-    if partial is not None and rank == 0 and (out_dir / "meta.json").exists():
-        (out_dir / "meta.json").unlink()  # the directory is incomplete until the new result lands
+    partial = partial_dir(out_dir, key, rank, "other options") if out_dir is not None else None
 
     t0 = time.perf_counter()
     run.prepare_cells(partial, rank)
@@ -256,11 +227,11 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
                     with open(tmp, "wb") as f:
                         np.savez(f, indices=idx, scores=sc)
                 save_with(chunk_path[c], write)
-    _barrier()
+    barrier()
     for c in set(range(n_chunks)) - done_here:  # finished by another rank or by an earlier, killed run
         with np.load(chunk_path[c]) as z:
             indices[rows_of[c]], scores[rows_of[c]] = z["indices"], z["scores"]
-    _barrier()  # every rank has read every chunk before rank 0 may remove them
+    barrier()  # every rank has read every chunk before rank 0 may remove them
     seconds = time.perf_counter() - t0
     meta = {
         "mode": cfg.mode, "method": cfg.method, "k": cfg.k, "dup_threshold": cfg.dup_threshold,
@@ -298,7 +269,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
         if rank == 0:
             save_hard_pairs(out_dir, pairs)
             shutil.rmtree(partial, ignore_errors=True)
-        _barrier()
+        barrier()
     log.info("mined %d pairs in %.1fs (%d rows with fewer than k=%d hard pairs)",
              n, seconds, meta["padded_rows"], cfg.k)
     return pairs
