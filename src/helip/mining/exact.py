@@ -27,12 +27,12 @@ as much as the matrix product they save. Use ``mode="ann"`` for speed on CPU.)
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .score import candidate_scores, select_topk
+from .score import candidate_scores, score_with_rules, select_topk
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -88,7 +88,7 @@ def _full_precision_accumulation():
 def search_exact_lowp(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, method: str,
                       dup_threshold: float, min_similarity: float, block_size: int, precision: str = "fp16",
                       slack: int = 0, on_block: Callable[[int], None] = lambda n: None,
-                      stats: dict = None) -> Tuple[np.ndarray, np.ndarray]:
+                      stats: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``search_exact``'s result computed with low-precision similarities (see the module docstring).
 
     ``txt``/``img`` are the float32 unit rows; ``slack`` extra candidates per
@@ -144,7 +144,5 @@ def _rescore(txt: torch.Tensor, img: torch.Tensor, q: torch.Tensor, cand: torch.
     """float32 scores [b, m] of targets ``q`` against their own candidates ``cand`` [b, m], exact rules."""
     ct = torch.einsum("bd,bmd->bm", txt[q], txt[cand])
     ci = torch.einsum("bd,bmd->bm", img[q], img[cand])
-    score = ct * ci if method == "hpm" else (ct.clone() if method == "text" else ci.clone())
-    excluded = (ct > dup_threshold) | (ci > dup_threshold) | (ct <= min_similarity) | (ci <= min_similarity)
-    excluded |= cand == q[:, None]
-    return score.masked_fill_(excluded, float("-inf"))
+    return score_with_rules(ct, ci, method, dup_threshold, min_similarity).masked_fill_(cand == q[:, None],
+                                                                                        float("-inf"))

@@ -31,8 +31,17 @@ def candidate_scores(
 
     Excluded candidates get -inf. Inputs are L2-normalised float32 rows.
     """
-    ct = text_q @ text_c.T
-    ci = image_q @ image_c.T
+    score = score_with_rules(text_q @ text_c.T, image_q @ image_c.T, method, dup_threshold, min_similarity)
+    # the target itself: candidates are sorted, so find each target's column instead of comparing [b, m]
+    pos = torch.searchsorted(c_idx, q_idx).clamp_(max=len(c_idx) - 1)
+    hit = c_idx[pos] == q_idx
+    score[torch.arange(len(q_idx), device=q_idx.device)[hit], pos[hit]] = float("-inf")
+    return score
+
+
+def score_with_rules(ct: torch.Tensor, ci: torch.Tensor, method: str, dup_threshold: float,
+                     min_similarity: float) -> torch.Tensor:
+    """The score from caption cosines ``ct`` and image cosines ``ci`` (same shape), excluded entries -inf."""
     if method == "hpm":
         score = ct * ci
     elif method == "text":
@@ -42,10 +51,6 @@ def candidate_scores(
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     excluded = (ct > dup_threshold) | (ci > dup_threshold) | (ct <= min_similarity) | (ci <= min_similarity)
-    # the target itself: candidates are sorted, so find each target's column instead of comparing [b, m]
-    pos = torch.searchsorted(c_idx, q_idx).clamp_(max=len(c_idx) - 1)
-    hit = c_idx[pos] == q_idx
-    excluded[torch.arange(len(q_idx), device=q_idx.device)[hit], pos[hit]] = True
     return score.masked_fill_(excluded, float("-inf"))
 
 
@@ -60,9 +65,12 @@ def select_topk(scores: torch.Tensor, c_idx: torch.Tensor, k: int) -> Tuple[np.n
     """
     b, m = scores.shape
     kk = min(k, m)
-    vals, pos = torch.topk(scores, kk, dim=1, largest=True, sorted=True)
-    kth = vals[:, -1:]
-    boundary = torch.isfinite(kth[:, 0]) & ((scores == kth).sum(1) > (vals == kth).sum(1))
+    # one candidate more than needed: a row whose (k+1)-th score equals its k-th has a tie across the cut
+    vals, pos = torch.topk(scores, min(kk + 1, m), dim=1, largest=True, sorted=True)
+    kth = vals[:, kk - 1:kk]
+    boundary = torch.isfinite(kth[:, 0]) & (vals[:, kk] == kth[:, 0]) if vals.shape[1] > kk else \
+        torch.zeros(b, dtype=torch.bool, device=scores.device)
+    vals, pos = vals[:, :kk].clone(), pos[:, :kk].clone()
     for r in boundary.nonzero()[:, 0].tolist():
         above = (scores[r] > kth[r]).nonzero()[:, 0]
         tied = (scores[r] == kth[r]).nonzero()[:, 0]
