@@ -54,6 +54,30 @@ def test_ann_recall_is_high_and_estimate_is_honest():
     assert np.allclose(ann.scores[same], exact.scores[same], atol=1e-6)
 
 
+def test_ann_probing_every_cell_equals_exact_including_ties():
+    """With every cell probed, the per-cell top-k lists merged per target must be exact mode's rows."""
+    img, txt = clustered(n=400)
+    img[7], txt[7] = img[5], txt[5]  # 5 and 7 tie exactly as partners of every other pair (and are duplicates)
+    img[9], txt[9] = -img[5], txt[5]  # same caption, other image: a caption-only near-duplicate of 5 and 7
+    exact = mine_hard_pairs(img, txt, k=12, progress=False)
+    ann = mine_hard_pairs(img, txt, k=12, mode="ann", nlist=10, nprobe=10, progress=False)
+    assert (ann.indices == exact.indices).all()
+    assert np.array_equal(ann.scores, exact.scores)
+    assert ann.meta["recall_estimate"]["recall_at_k"] == 1.0
+
+
+def test_ann_merge_across_cells_breaks_ties_by_index():
+    """Pairs 1 and 2 tie exactly as target 0's partner but sit in different cells; k=1 must keep 1."""
+    from helip.mining.ann import search_ann
+
+    v = torch.tensor([[1.0, 0, 0, 0], [1, 0.5, 0, 0], [1, -0.5, 0, 0], [0.2, 0, 1, 0]])
+    v = torch.nn.functional.normalize(v, dim=1)
+    probes = np.array([[0, 1], [0, 1], [1, 0], [1, 0]], dtype=np.int32)
+    for members in ([np.array([0, 1]), np.array([2, 3])], [np.array([0, 2]), np.array([1, 3])]):
+        idx, sc = search_ann(v, v, np.array([0]), 1, "hpm", 0.98, 0.0, 8, {"probes": probes, "members": members})
+        assert idx[0, 0] == 1 and sc[0, 0] == pytest.approx(0.8)
+
+
 def test_subset_with_full_pool_equals_exact():
     img, txt = clustered(n=300)
     exact = mine_hard_pairs(img, txt, k=5, progress=False)

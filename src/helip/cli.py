@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=m.candidates, help="subset mode: random candidate pool size")
     p.add_argument("--redraw-every", type=int, default=m.redraw_every, help="subset mode: targets per pool")
     p.add_argument("--nlist", type=int, default=m.nlist, help="ann mode: k-means cells (0: about 2 sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=m.nprobe, help="ann mode: cells searched per target's cell")
+    p.add_argument("--nprobe", type=int, default=m.nprobe,
+                   help="ann mode: cells nearest each target whose members it is scored against")
     p.add_argument("--recall-sample", type=int, default=m.recall_sample, help="targets checked against exact")
     p.add_argument("--chunk-size", type=int, default=m.chunk_size, help="targets per resumable chunk")
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, InputError
 from ..io import save_npy, save_with
 from ..resumable import barrier, partial_dir, rank_and_world
-from .ann import build_cells, default_nlist, group, joint, recall_at_k, search_ann
+from .ann import build_cells, default_nlist, group, recall_at_k, search_ann
 from .exact import PRECISIONS, search_exact, search_exact_lowp
 from .score import METHODS
 from .store import HardPairs, save_hard_pairs
@@ -53,7 +53,7 @@ class MineConfig:
     candidates: int = 3_000_000    # subset: size of the random candidate pool
     redraw_every: int = 300_000    # subset: targets per pool
     nlist: int = 0                 # ann: k-means cells (0: about 2 sqrt(N))
-    nprobe: int = 16               # ann: cells searched per target's cell
+    nprobe: int = 16               # ann: cells nearest each target, searched for it
     recall_sample: int = 200       # ann/subset: targets checked against exact search
     chunk_size: int = 65536        # targets per resumable chunk
     progress: bool = True
@@ -121,16 +121,16 @@ class _Run:
         """ANN only: build the cells (rank 0, once per resumable run, saved beside the chunks) or load them."""
         if self.cfg.mode != "ann":
             return
-        paths = {name: partial / f"cells_{name}.npy" for name in ("assign", "probes")} if partial else {}
+        paths = {name: partial / f"cells_{name}.npy" for name in ("probes", "nlist")} if partial else {}
         if not paths or (rank == 0 and not all(p.is_file() for p in paths.values())):
             nlist = self.cfg.nlist or default_nlist(self.n)
-            self.cells = build_cells(joint(self.txt, self.img, self.cfg.method), nlist, self.cfg.nprobe, self.cfg.seed)
+            self.cells = build_cells(self.txt, self.img, self.cfg.method, nlist, self.cfg.nprobe, self.cfg.seed)
             for name, p in paths.items():
                 save_npy(p, self.cells[name])
         barrier()
         if paths:
             self.cells = {name: np.load(p) for name, p in paths.items()}
-        self.cells["members"] = group(self.cells["assign"], len(self.cells["probes"]))
+        self.cells["members"] = group(self.cells["probes"][:, 0], int(self.cells["nlist"][0]))
 
     def target_order(self) -> np.ndarray:
         """The order in which targets are chunked: by cell for ANN, so a chunk holds whole cells."""
@@ -239,7 +239,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
         "precision": cfg.resolved_precision(),
         "candidate_pool": {"exact": "all",
                            "subset": {"candidates": min(cfg.candidates, n), "redraw_every": cfg.redraw_every},
-                           "ann": {"nlist": int(len(run.cells["probes"])) if run.cells else None,
+                           "ann": {"nlist": int(run.cells["nlist"][0]) if run.cells else None,
                                    "nprobe": cfg.nprobe}}[cfg.mode],
         "world_size": world,
         "timings": {"mine_seconds": round(seconds, 3), "index_seconds": round(t_index, 3),
