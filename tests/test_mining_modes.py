@@ -93,12 +93,12 @@ def test_resume_after_kill_gives_identical_files(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = mine_module._Run.search
 
-    def dying(self, rows, on_block=lambda n: None, mode=None):
+    def dying(self, rows, on_block=lambda n: None, mode=None, **kw):
         if mode is None:
             calls["n"] += 1
             if calls["n"] == 4:
                 raise KeyboardInterrupt("simulated kill")
-        return original(self, rows, on_block, mode)
+        return original(self, rows, on_block, mode, **kw)
 
     monkeypatch.setattr(mine_module._Run, "search", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -109,8 +109,8 @@ def test_resume_after_kill_gives_identical_files(tmp_path, monkeypatch):
     monkeypatch.setattr(mine_module._Run, "search", original)
     resumed_calls = []
     monkeypatch.setattr(mine_module._Run, "search",
-                        lambda self, rows, on_block=lambda n: None, mode=None:
-                        resumed_calls.append(mode) or original(self, rows, on_block, mode))
+                        lambda self, rows, on_block=lambda n: None, mode=None, **kw:
+                        resumed_calls.append(mode) or original(self, rows, on_block, mode, **kw))
     mine_hard_pairs(img, txt, out_dir=tmp_path / "resumed", **opts)
     assert resumed_calls.count(None) == 4, "only the 4 unfinished chunks are searched again"
     assert not partial.exists()

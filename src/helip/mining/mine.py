@@ -138,9 +138,11 @@ class _Run:
             return np.concatenate(self.cells["members"])
         return np.arange(self.n)
 
-    def search(self, rows: np.ndarray, on_block=lambda n: None, mode: Optional[str] = None):
+    def search(self, rows: np.ndarray, on_block=lambda n: None, mode: Optional[str] = None,
+               block_size: Optional[int] = None):
         c = self.cfg
-        common = (self.txt, self.img, rows, c.k, c.method, c.dup_threshold, c.min_similarity, c.block_size)
+        common = (self.txt, self.img, rows, c.k, c.method, c.dup_threshold, c.min_similarity,
+                  block_size or c.block_size)
         mode = mode or c.mode
         if mode == "exact":
             if c.resolved_precision() != "fp32":
@@ -251,7 +253,8 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
         meta["fp32_fallback_rows_this_process"] = run.stats["fallback_rows"]
     if cfg.mode != "exact" and cfg.recall_sample > 0:
         sample = np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=min(cfg.recall_sample, n), replace=False))
-        exact_idx, _ = run.search(sample, mode="exact")
+        # small blocks: a block of exact scores is [block, N] (at N = 1M and 1024 targets, 4 GB per matrix)
+        exact_idx, _ = run.search(sample, mode="exact", block_size=min(cfg.block_size, 64))
         meta["recall_estimate"] = {"recall_at_k": round(recall_at_k(indices[sample], exact_idx), 4),
                                    "sample": int(len(sample))}
         log.info("%s mode: estimated recall@%d against exact search %.4f (on %d targets)",
