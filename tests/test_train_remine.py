@@ -128,3 +128,19 @@ def test_two_process_gloo_run_remines_the_same_lists_on_every_rank(tmp_path, tin
     after6 = weights(tmp_path / "checkpoints" / "step_00000006.pt")["state_dict"]
     assert np.array_equal(r0[1], mined_with(tiny, data, after6).indices)
     assert np.array_equal(r0[1], load_hard_pairs(remined_dir(tmp_path, 1)).indices)
+
+
+@pytest.mark.parametrize("options", [{"mode": "exact", "method": "text", "k": 5},
+                                     {"mode": "subset", "candidates": 50, "redraw_every": 30, "seed": 3, "k": 4},
+                                     {"mode": "ann", "nlist": 6, "nprobe": 2, "k": 4, "min_similarity": -1.0}])
+def test_the_options_read_back_from_meta_mine_the_same_lists(options):
+    from helip.remine import mine_config_from_meta
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((120, 8)), rng.standard_normal((120, 8))
+    first = mine_hard_pairs(img, txt, progress=False, **options)
+    again = mine_hard_pairs(img, txt, mine_config_from_meta(first.meta))
+    assert np.array_equal(first.indices, again.indices)
+    # a different option would change them: the comparison can fail
+    other = mine_hard_pairs(img, txt, mine_config_from_meta(first.meta), k=first.k, method="image")
+    assert not np.array_equal(first.indices, other.indices)
