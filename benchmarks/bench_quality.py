@@ -20,6 +20,11 @@ Variants:
   mined_text        hard pairs mined by caption similarity only (the paper's ablation)
   mined_image       ... by image similarity only
   random_pairs      "hard" pairs drawn at random: batches of the same shape with no mining
+  remine1/remine2   helip, re-mining the hard pairs with the current model every 1 / 2 epochs
+                    (no-ops unless --steps covers more than 1 / 2 epochs: the demo's 300 steps and the
+                    quick mode's 12 are both under one epoch)
+  temp0.01/0.002    helip, partners drawn with P ~ exp(score / T) over the top-k instead of uniformly
+                    (T in score units: on this world the top-k HPM scores span only ~0.02)
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 0,1,2] [--device cpu|cuda]
         [--variants baseline,helip,...] [--steps 300] [--pretrain-steps 1500]
@@ -64,8 +69,13 @@ VARIANTS = {
     "mined_text": ({}, "text"),
     "mined_image": ({}, "image"),
     "random_pairs": ({}, "random"),
+    "remine1": ({"remine_every": 1}, "hpm"),
+    "remine2": ({"remine_every": 2}, "hpm"),
+    "temp0.01": ({"hard_temperature": 0.01}, "hpm"),
+    "temp0.002": ({"hard_temperature": 0.002}, "hpm"),
 }
-HELIP_FAMILY = ("helip", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5")
+HELIP_FAMILY = ("helip", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
+                "remine1", "remine2", "temp0.01", "temp0.002")
 METRICS = {"zeroshot_mean": lambda r: r["zeroshot_mean"], "linear_probe": lambda r: r["linear_probe"],
            "i2t_r1": lambda r: r["retrieval"]["i2t_r1"], "t2i_r1": lambda r: r["retrieval"]["t2i_r1"]}
 
@@ -189,8 +199,11 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as d:
                 res = train(tc, train_pairs, Path(d), hard.get(source))
                 r = evaluate(res.checkpoint)
+                remining = json.loads((Path(d) / "train_config.json").read_text())["remining"]
             row = {"variant": name, "seed": seed, "overrides": overrides, "pairs": source,
                    "seconds": round(time.perf_counter() - t0, 1), **r}
+            if remining is not None:  # when the hard pairs were re-mined, and how long it took
+                row["remining"] = [{k: e[k] for k in ("epoch", "step", "seconds")} for e in remining]
             report["runs"].append(row)
             print(f"seed {seed} {name:>13}: val zs {r['val']['zeroshot_mean']:.4f} test zs "
                   f"{r['test']['zeroshot_mean']:.4f} LP {r['test']['linear_probe']:.4f} "

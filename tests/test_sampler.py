@@ -261,3 +261,74 @@ def test_hard_fraction_mixes_groups_and_lone_targets(h):
         batches_of(HardPairBatchSampler(hard, batch_size=bs, hard_per_target=h, seed=1))
     with pytest.raises(ConfigError, match="hard_fraction"):
         HardPairBatchSampler(hard, batch_size=bs, hard_fraction=1.5)
+
+
+def partner_ranks(sampler, hard, epochs=range(3)):
+    """For every target followed by a partner (hard_per_target=1): the partner's position in the target's list."""
+    ranks = []
+    for e in epochs:
+        sampler.set_epoch(e)
+        for batch in sampler:
+            for t, p in zip(batch[0::2], batch[1::2]):
+                row = hard[t].tolist()
+                if p in row:
+                    ranks.append(row.index(p))
+    return np.array(ranks)
+
+
+def test_temperature_draws_partners_by_score():
+    n, k = 400, 5
+    hard = permutation_lists(n, k)
+    scores = np.tile(np.linspace(0.9, 0.5, k, dtype=np.float32), (n, 1))  # best first, 0.1 apart
+
+    def make(t, seed=0):
+        return HardPairBatchSampler(hard, batch_size=40, hard_per_target=1, top_k=k, seed=seed,
+                                    hard_scores=scores, hard_temperature=t)
+
+    # tiny T: the best partner unless it is already in the batch; T=0 (uniform): about 1 in k
+    cold, uniform = partner_ranks(make(1e-3), hard), partner_ranks(make(0.0), hard)
+    assert (cold == 0).mean() > 0.9
+    assert abs((uniform == 0).mean() - 1 / k) < 0.05
+    # large T: close to uniform over the k places
+    hot = partner_ranks(make(1e3), hard)
+    hot = np.bincount(hot, minlength=k) / len(hot)
+    assert np.abs(hot - 1 / k).max() < 0.04
+    # in between: the first draw follows softmax(score / T)
+    s = make(0.1)
+    rng = np.random.default_rng(0)
+    first = np.bincount([int(np.flatnonzero(hard[3] == s._draw_order(3, rng)[0])[0]) for _ in range(20000)],
+                        minlength=k) / 20000
+    want = np.exp(scores[3] / 0.1) / np.exp(scores[3] / 0.1).sum()
+    assert np.abs(first - want).max() < 0.015
+    # deterministic per (seed, epoch, rank), and the draws do depend on the seed
+    assert batches_of(make(0.1)) == batches_of(make(0.1))
+    assert batches_of(make(0.1)) != batches_of(make(0.1, seed=1))
+    check_batches(make(0.1), hard, 1, k, exact_structure=False)
+
+
+def test_temperature_needs_scores():
+    hard = ragged_lists(30, 4)
+    with pytest.raises(ConfigError, match="scores"):
+        HardPairBatchSampler(hard, batch_size=8, hard_temperature=0.1)
+    with pytest.raises(ConfigError, match="scores"):  # the authors' CSV has none: NaN
+        HardPairBatchSampler(hard, batch_size=8, hard_temperature=0.1, hard_scores=np.full(hard.shape, np.nan))
+    with pytest.raises(ConfigError, match="hard_temperature"):
+        HardPairBatchSampler(hard, batch_size=8, hard_temperature=-1.0)
+    # -1 padding with -inf scores is fine: padded places are never drawn
+    scores = np.where(hard >= 0, 0.5, -np.inf)
+    s = HardPairBatchSampler(hard, batch_size=8, hard_temperature=0.1, hard_scores=scores, top_k=4)
+    check_batches(s, hard, 1, 4, exact_structure=False)
+
+
+def test_set_hard_pairs_changes_the_partners_not_the_targets():
+    n = 60
+    a, b = permutation_lists(n, 10, seed=0), permutation_lists(n, 10, seed=1)
+    s = HardPairBatchSampler(a, batch_size=8, hard_per_target=1, top_k=10, seed=2)
+    before = batches_of(s)
+    s.set_hard_pairs(b)
+    after = batches_of(s)
+    assert [x[0::2] for x in before] == [x[0::2] for x in after]  # same targets in the same order
+    assert before != after
+    check_batches(s, b, 1, 10, exact_structure=True)
+    with pytest.raises(InputError):
+        s.set_hard_pairs(b[:10])

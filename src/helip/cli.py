@@ -151,6 +151,7 @@ def cmd_train(args) -> None:
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
                       hnml_weight=args.hnml_weight if hard is not None else 0.0, hnml_margin=args.hnml_margin,
+                      hard_temperature=args.hard_temperature, remine_every=args.remine_every,
                       hard_fraction=args.hard_fraction, device=args.device, objective=args.objective,
                       slip=SlipConfig(ssl_scale=args.ssl_scale, ssl_temperature=args.ssl_temperature,
                                       head=args.slip_head, mlp_dim=args.simclr_mlp_dim, out_dim=args.simclr_out_dim),
@@ -306,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hnml-margin", type=float, default=d.hnml_margin)
     p.add_argument("--hard-fraction", type=float, default=d.hard_fraction,
                    help="share of each batch in target+hard-partner groups; the rest are random targets")
+    p.add_argument("--hard-temperature", type=float, default=d.hard_temperature,
+                   help="draw partners with probability ~ exp(score / T) over the top-k (0: uniform)")
+    p.add_argument("--remine-every", type=int, default=d.remine_every,
+                   help="re-mine the hard pairs with the current model every N epochs, with the options that "
+                        "mined them (0: never); results in OUT/remined/epoch_N")
     p.add_argument("--objective", default=d.objective, choices=("clip", "slip"),
                    help="slip: add SLIP's SimCLR loss on two augmented views (SLIP models)")
     p.add_argument("--ssl-scale", type=float, default=d.slip.ssl_scale, help="slip: weight of the SimCLR loss")

@@ -86,6 +86,9 @@ def _pretrain_key(cfg: DemoConfig) -> str:
     if pretrain.get("objective") == "clip":  # CLIP runs keep the keys they had before the SLIP options existed
         pretrain.pop("objective")
         pretrain.pop("slip", None)
+    for name, default in (("hard_temperature", 0.0), ("remine_every", 0)):  # likewise, later hard-pair options
+        if pretrain.get(name) == default:
+            pretrain.pop(name)
     blob = json.dumps({"world_seed": cfg.world_seed, "n_train": cfg.n_train, "pretrain": pretrain,
                        "model_cfg": model_cfg.read_text() if model_cfg.exists() else cfg.pretrain.model,
                        "world_version": world.WORLD_VERSION}, sort_keys=True)

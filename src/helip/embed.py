@@ -27,9 +27,10 @@ import logging
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -204,15 +205,38 @@ def _collate(items):
 
 
 @torch.no_grad()
+def encode_batches(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: str = "cpu",
+                   autocast: Callable[[], Any] = nullcontext, total: Optional[int] = None,
+                   progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image and text embeddings of ``(images, tokens)`` batches, float32 numpy [rows, d] each.
+
+    The one loop that encodes prepared pairs with an OpenCLIP model's own
+    towers: in-memory pairs (``encode_pairs``, ``embed``) and the training
+    set during re-mining (``helip.remine``) all go through it. The model runs
+    in eval mode (no dropout) and gets its train/eval modes back afterwards,
+    so it can be called in the middle of training.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    imgs, txts = [], []
+    try:
+        for images, tokens in tqdm(batches, desc="embedding", total=total, disable=not progress):
+            with autocast():
+                imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
+                txts.append(model.encode_text(tokens.to(device), normalize=True).float().cpu())
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(imgs).numpy(), torch.cat(txts).numpy()
+
+
 def encode_pairs(lm: LoadedModel, pairs: PairTensors, batch_size: int = 512, device: str = "cpu",
                  progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """L2-normalised image and text embeddings of in-memory pairs, float32 numpy [N, d] each."""
     model = lm.model.to(device).eval()
-    imgs, txts = [], []
-    for s in tqdm(range(0, len(pairs), batch_size), desc="embedding", disable=not progress):
-        imgs.append(model.encode_image(pairs.images[s:s + batch_size].to(device), normalize=True).float().cpu())
-        txts.append(model.encode_text(pairs.tokens[s:s + batch_size].to(device), normalize=True).float().cpu())
-    return torch.cat(imgs).numpy(), torch.cat(txts).numpy()
+    starts = range(0, len(pairs), batch_size)
+    batches = ((pairs.images[s:s + batch_size], pairs.tokens[s:s + batch_size]) for s in starts)
+    return encode_batches(model, batches, device, total=len(starts), progress=progress)
 
 
 # ---------------------------------------------------------------------------
@@ -378,16 +402,16 @@ def embed(lm: LoadedModel, pairs: PairTensors, out_dir: Path, config: Optional[E
     cfg = config or EmbedConfig()
     model = lm.model.to(cfg.device).eval()
 
-    @torch.no_grad()
     def encode_rows(row_lists, chunk_ids, bar):
-        for c, rows in zip(chunk_ids, row_lists):
-            img, txt = [], []
+        def batches(rows):
             for s in range(0, len(rows), cfg.batch_size):
                 idx = torch.as_tensor(rows[s:s + cfg.batch_size])
-                img.append(model.encode_image(pairs.images[idx].to(cfg.device), normalize=True).float().cpu())
-                txt.append(model.encode_text(pairs.tokens[idx].to(cfg.device), normalize=True).float().cpu())
+                yield pairs.images[idx], pairs.tokens[idx]
                 bar.update(len(idx))
-            yield c, torch.cat(img).numpy().astype(cfg.dtype), torch.cat(txt).numpy().astype(cfg.dtype), []
+
+        for c, rows in zip(chunk_ids, row_lists):
+            img, txt = encode_batches(model, batches(rows), cfg.device)
+            yield c, img.astype(cfg.dtype), txt.astype(cfg.dtype), []
 
     name = encoder_name or lm.name
     meta = {"image_encoder": name, "text_encoder": name}

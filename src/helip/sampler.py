@@ -4,8 +4,12 @@ The released HELIP sampler streams target, partner, target, partner...; this one
 builds whole batches so it can promise what a contrastive loss needs:
 
 - every pair is a *target* exactly once per epoch (per rank shard, see below);
-- each target is followed by ``hard_per_target`` partners drawn uniformly,
-  without replacement, from the first ``top_k`` entries of its hard-pair list;
+- each target is followed by ``hard_per_target`` partners drawn without
+  replacement from the first ``top_k`` entries of its hard-pair list:
+  uniformly (the released sampler), or, with ``hard_temperature`` T > 0, with
+  probability proportional to exp(score / T) over the mining scores
+  (``hard_scores``), so a small T favours the hardest partners and a large T
+  approaches the uniform draw;
 - no index appears twice in a batch (a duplicate would be its own negative);
   a partner already in the batch is replaced by the next draw from the list,
   and places no list can fill are filled with random pairs (the released
@@ -25,6 +29,9 @@ batches: the baseline of a fair comparison runs through the same code.
 to target + partner groups, the rest to targets without partners, so a batch
 keeps the diverse, easy negatives that random batches give (coarse attributes)
 beside the hard ones.
+
+``set_hard_pairs`` swaps in new lists (re-mining, ``helip.remine``); the order
+of targets does not depend on them, only the partners drawn.
 """
 from __future__ import annotations
 
@@ -49,6 +56,8 @@ class HardPairBatchSampler(Sampler[List[int]]):
         drop_last: bool = False,
         num_samples: Optional[int] = None,
         hard_fraction: float = 1.0,
+        hard_scores: Optional[np.ndarray] = None,
+        hard_temperature: float = 0.0,
     ):
         if hard_pairs is None:
             if num_samples is None:
@@ -71,9 +80,10 @@ class HardPairBatchSampler(Sampler[List[int]]):
             raise ConfigError(f"hard_fraction must be in [0, 1], got {hard_fraction}.")
         if top_k < 1:
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
+        if hard_temperature < 0:
+            raise ConfigError(f"hard_temperature must be 0 (uniform) or positive, got {hard_temperature}.")
         if self.n < batch_size:
             raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({self.n} pairs).")
-        self.hard = None if hard_pairs is None else hard_pairs[:, :top_k]
         self.batch_size = batch_size
         self.hard_per_target = hard_per_target
         self.top_k = top_k
@@ -82,6 +92,10 @@ class HardPairBatchSampler(Sampler[List[int]]):
         self.seed = seed
         self.drop_last = drop_last
         self.epoch = 0
+        self.temperature = float(hard_temperature) if hard_per_target > 0 else 0.0
+        self.hard = self.scores = None
+        if hard_pairs is not None:
+            self.set_hard_pairs(hard_pairs, hard_scores)
         if hard_fraction >= 1.0:  # the remainder places are random fill, as without mixing
             self.groups_per_batch = batch_size // (1 + hard_per_target)
             self.targets_per_batch = self.groups_per_batch
@@ -89,6 +103,23 @@ class HardPairBatchSampler(Sampler[List[int]]):
             self.groups_per_batch = int(hard_fraction * batch_size) // (1 + hard_per_target)
             self.targets_per_batch = batch_size - self.groups_per_batch * hard_per_target
         self.targets_per_rank = -(-self.n // num_replicas)  # ceil: shards padded by wrap-around
+
+    def set_hard_pairs(self, hard_pairs: np.ndarray, hard_scores: Optional[np.ndarray] = None) -> None:
+        """Use these lists from now on (same N); scores are needed only with a temperature."""
+        hard_pairs = np.asarray(hard_pairs)
+        if hard_pairs.ndim != 2 or len(hard_pairs) != self.n:
+            raise InputError(f"hard_pairs must be [{self.n}, k], got shape {hard_pairs.shape}.")
+        self.hard = hard_pairs[:, :self.top_k]
+        self.scores = None
+        if self.temperature > 0:
+            if hard_scores is None or np.shape(hard_scores) != hard_pairs.shape:
+                raise ConfigError("a hard-pair temperature needs the mining scores (hard_scores.npy) beside the "
+                                  "indices; re-mine with helip, or use temperature 0 (uniform choice).")
+            scores = np.asarray(hard_scores[:, :self.top_k], dtype=np.float32)
+            if np.isnan(scores[self.hard >= 0]).any():
+                raise ConfigError("a hard-pair temperature needs mining scores, but these hard pairs have none "
+                                  "(e.g. read from the authors' CSV); use temperature 0 (uniform choice).")
+            self.scores = scores
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -126,10 +157,8 @@ class HardPairBatchSampler(Sampler[List[int]]):
             batch.append(t)
             if self.hard is None or self.hard_per_target == 0 or g >= groups:
                 continue
-            row = self.hard[t]
-            row = row[row >= 0]
             taken = 0
-            for j in rng.permutation(row):
+            for j in self._draw_order(t, rng):
                 if taken == self.hard_per_target or len(chosen) >= size:
                     break
                 j = int(j)
@@ -149,3 +178,17 @@ class HardPairBatchSampler(Sampler[List[int]]):
                     if missing == 0:
                         break
         return batch
+
+    def _draw_order(self, t: int, rng: np.random.Generator) -> np.ndarray:
+        """Target t's list in the order partners are taken: a random permutation, uniform or by temperature.
+
+        With a temperature, sorting score/T plus Gumbel noise draws the list
+        without replacement with P(j first) proportional to exp(score_j / T)
+        (the Gumbel-max trick; no exp, so any small T is safe).
+        """
+        row = self.hard[t]
+        ok = row >= 0
+        if self.scores is None:
+            return rng.permutation(row[ok])
+        keys = self.scores[t][ok] / self.temperature + rng.gumbel(size=int(ok.sum()))
+        return row[ok][np.argsort(-keys, kind="stable")]

@@ -23,7 +23,10 @@ The same loop runs on a CPU, one GPU, or many under ``torchrun``:
 - exact resume: the sampler order is a function of (seed, epoch), the position
   in the epoch a function of the step, and dropout is reseeded from (seed,
   step, micro-batch, rank) before every forward pass, so a run resumed from a
-  checkpoint retraces the uninterrupted run's steps.
+  checkpoint retraces the uninterrupted run's steps;
+- re-mining (``remine_every``, ``helip.remine``): at the start of every E-th
+  epoch the hard pairs are mined again with the current model; checkpoints
+  name the lists in use, so a resumed run continues with the same ones.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -51,6 +55,7 @@ from .io import save_json, save_text, save_torch
 from .losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
 from .mining.store import HardPairs
 from .models import DEMO_MODEL, load_model, save_checkpoint
+from .remine import REMINED_DIR, Remining
 from .sampler import HardPairBatchSampler
 from .slip import HEAD_FILE, SlipConfig, build_slip_training, save_head
 
@@ -63,7 +68,8 @@ _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 # options that change the trajectory: a resumed run must use the same values
 _TRAJECTORY = ("model", "steps", "batch_size", "accum_steps", "lr", "weight_decay", "warmup_steps", "seed",
                "hard_per_target", "hard_fraction", "top_k", "hnml_weight", "hnml_margin", "freeze",
-               "local_loss", "gather_with_grad", "grad_clip_norm", "objective", "slip")
+               "local_loss", "gather_with_grad", "grad_clip_norm", "objective", "slip", "remine_every",
+               "hard_temperature")
 
 
 OBJECTIVES = ("clip", "slip")
@@ -88,6 +94,8 @@ class TrainConfig:
     hard_per_target: int = 1
     hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
     top_k: int = 50
+    hard_temperature: float = 0.0    # partners drawn with P ~ exp(score / T) over the top_k; 0: uniform
+    remine_every: int = 0            # re-mine the hard pairs with the current model every N epochs (0: never)
     hnml_weight: float = 1.0
     hnml_margin: float = 0.2
     device: str = "cpu"
@@ -117,11 +125,13 @@ class TrainConfig:
         for name in ("steps", "batch_size", "accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("workers", "save_every", "warmup_steps"):
+        for name in ("workers", "save_every", "warmup_steps", "remine_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}.")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if self.hard_temperature < 0:
+            raise ConfigError(f"hard_temperature must be 0 (uniform choice) or positive, got {self.hard_temperature}.")
         if self.hnml_weight < 0 or self.hnml_margin < 0:
             raise ConfigError("hnml_weight and hnml_margin must be non-negative.")
         if self.precision not in PRECISIONS:
@@ -368,6 +378,11 @@ class Trainer:
         self.schedule = cosine_lr(self.optimizer, cfg.lr, cfg.warmup_steps, cfg.steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
+    def set_hard_pairs(self, hard_indices: np.ndarray) -> None:
+        """HNML's partners from these lists from now on (re-mining)."""
+        if self.masker is not None:
+            self.masker = PartnerMasker(hard_indices, self.cfg.top_k)
+
     def _mask(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         if self.hnml is None:
             return None
@@ -502,8 +517,9 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
 
 
 def _check_compatible(saved: dict, cfg: TrainConfig, extra: dict, path: Path) -> None:
-    now = asdict(cfg)
-    diff = [f"{k}: {saved['config'].get(k)!r} -> {now[k]!r}" for k in _TRAJECTORY if saved["config"].get(k) != now[k]]
+    now, default = asdict(cfg), asdict(TrainConfig())  # options newer than the checkpoint: their defaults
+    old = {k: saved["config"].get(k, default[k]) for k in _TRAJECTORY}
+    diff = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in _TRAJECTORY if old[k] != now[k]]
     diff += [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in extra.items() if saved.get(k) != v]
     if diff:
         raise ConfigError(f"cannot resume from {path}: options differ from the run that wrote it "
@@ -550,6 +566,11 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     if use_hard and len(hard) != n:
         raise InputError(f"hard pairs have {len(hard)} rows but the dataset has {n} pairs; "
                          f"mine hard pairs for this dataset.")
+    if cfg.remine_every and not use_hard:
+        raise ConfigError("--remine-every re-mines hard pairs, so it needs hard pairs to start from "
+                          "(--hard-pairs, with --hard-per-target > 0); drop --remine-every for random batches.")
+    remining = Remining(cfg.remine_every, hard, out_dir, device, cfg.batch_size, cfg.workers,
+                        cfg.progress) if cfg.remine_every else None
     tb = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
     resume_path = _resume_path(cfg, out_dir)
     if info.is_main:
@@ -558,6 +579,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
             for _, p in list_checkpoints(out_dir):  # a fresh run replaces an earlier run's outputs
                 log.warning("fresh run: removing %s of an earlier run", p)
                 p.unlink()
+            shutil.rmtree(out_dir / REMINED_DIR, ignore_errors=True)
     if info.world_size > 1:
         dist.barrier()
 
@@ -566,7 +588,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     sampler = HardPairBatchSampler(
         hard.indices if use_hard else None, cfg.batch_size, cfg.hard_per_target if use_hard else 0,
         cfg.top_k, num_replicas=info.world_size, rank=info.rank, seed=cfg.seed, num_samples=n, drop_last=True,
-        hard_fraction=cfg.hard_fraction)
+        hard_fraction=cfg.hard_fraction, hard_scores=hard.scores if use_hard else None,
+        hard_temperature=cfg.hard_temperature)
     steps_per_epoch = len(sampler) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch of {len(sampler)} batches per rank cannot fill one step of "
@@ -575,11 +598,18 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     run_extra = {"world_size": info.world_size, "num_samples": n,
                  "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None}
 
+    def use_hard_pairs(pairs: HardPairs) -> None:
+        sampler.set_hard_pairs(pairs.indices, pairs.scores)
+        trainer.set_hard_pairs(pairs.indices)
+
     step, resumed_from = 0, None
     if resume_path is not None:
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
         _check_compatible(state, cfg, run_extra, resume_path)
         trainer.load_state_dict(state)
+        restored = remining.load_state(state, n) if remining is not None else None
+        if restored is not None:
+            use_hard_pairs(restored)
         step = resumed_from = int(state["step"])
         log.info("resuming from %s (step %d, sampler epoch %d)", resume_path, step, state["sampler_epoch"])
 
@@ -596,7 +626,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     def save(step: int) -> None:
         if info.is_main:
             epoch = (step - 1) // steps_per_epoch if step else 0
-            save_torch(out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt", trainer.state_dict(step, epoch, run_extra))
+            extra = {**run_extra, **(remining.state() if remining is not None else {})}
+            save_torch(out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt", trainer.state_dict(step, epoch, extra))
         if info.world_size > 1:
             dist.barrier()
 
@@ -607,6 +638,10 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     try:
         while step < cfg.steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
+            if remining is not None and in_epoch == 0 and remining.due(epoch):
+                t0 = time.perf_counter()
+                use_hard_pairs(remining.run(trainer.clip_model, dataset, epoch, step, trainer.autocast))
+                t_window += time.perf_counter() - t0  # samples_per_second counts training time only
             sampler.set_epoch(epoch)
             last = min(steps_per_epoch, in_epoch + cfg.steps - step)
             loader = DataLoader(
@@ -661,6 +696,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
             **asdict(cfg), "hard_pairs_meta": hard.meta if use_hard else None, "precision_used": trainer.precision,
             "device_used": device, "world_size": info.world_size, "steps_per_epoch": steps_per_epoch,
             "epochs_started": (cfg.steps - 1) // steps_per_epoch + 1, "resumed_from_step": resumed_from,
+            "remining": remining.events if remining is not None else None,
             "seconds": round(seconds, 2)})
         log.info("trained to step %d in %.1fs -> %s", cfg.steps, seconds, ckpt)
     if info.world_size > 1:
