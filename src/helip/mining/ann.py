@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
-from .score import candidate_scores, select_topk
+from .score import candidate_scores, order_by_score_then_index, select_topk
 
 
 def default_nlist(n: int) -> int:
@@ -123,11 +123,8 @@ def _merge(best_s: torch.Tensor, best_i: torch.Tensor, pos: torch.Tensor, s: tor
     candidate sets of two cells are disjoint, so no index is counted twice.
     """
     k = best_s.shape[1]
-    ss, ii = torch.cat([best_s[pos], s], 1), torch.cat([best_i[pos], i], 1)
-    order = torch.argsort(ii, dim=1, stable=True)
-    ss, ii = ss.gather(1, order), ii.gather(1, order)
-    order = torch.sort(ss, dim=1, descending=True, stable=True).indices[:, :k]
-    best_s[pos], best_i[pos] = ss.gather(1, order), ii.gather(1, order)
+    ss, ii = order_by_score_then_index(torch.cat([best_s[pos], s], 1), torch.cat([best_i[pos], i], 1))
+    best_s[pos], best_i[pos] = ss[:, :k], ii[:, :k]
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:

@@ -79,14 +79,18 @@ def select_topk(scores: torch.Tensor, c_idx: torch.Tensor, k: int) -> Tuple[np.n
         pos[r] = torch.cat([above, keep])
         vals[r] = scores[r, pos[r]]
     idx = torch.gather(c_idx, 1, pos) if c_idx.dim() == 2 else c_idx[pos]
-    # order: score descending, then index ascending
-    order = torch.argsort(idx, dim=1, stable=True)
-    vals, idx = vals.gather(1, order), idx.gather(1, order)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    vals, idx = order_by_score_then_index(vals, idx)
     idx[torch.isinf(vals)] = -1
     out_i = np.full((b, k), -1, dtype=np.int32)
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
     out_i[:, :kk] = idx.cpu().numpy()
     out_s[:, :kk] = vals.cpu().numpy()
     return out_i, out_s
+
+
+def order_by_score_then_index(vals: torch.Tensor, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row of (``vals``, ``idx``) sorted by score descending, then index ascending: helip's result order."""
+    order = torch.argsort(idx, dim=1, stable=True)
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), idx.gather(1, order)
