@@ -62,7 +62,8 @@ def test_ann_probing_every_cell_equals_exact_including_ties():
     exact = mine_hard_pairs(img, txt, k=12, progress=False)
     ann = mine_hard_pairs(img, txt, k=12, mode="ann", nlist=10, nprobe=10, progress=False)
     assert (ann.indices == exact.indices).all()
-    assert np.array_equal(ann.scores, exact.scores)
+    # the same pairs, scored by matrix products of other shapes: equal up to float32 rounding
+    np.testing.assert_allclose(ann.scores, exact.scores, atol=1e-6, rtol=0)
     assert ann.meta["recall_estimate"]["recall_at_k"] == 1.0
 
 

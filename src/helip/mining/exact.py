@@ -19,16 +19,14 @@ Two ways to compute the same result:
   re-scoring applies the exact rules. So the result is the float32 result on
   any device, not an approximation of it.
 
-(A pruned CPU variant, bounding the score by the caption cosine and computing
-image cosines only for candidates that can still enter the top-k, was tried and
-measured no faster on a 2-core CPU: the elementwise passes over the block cost
-as much as the matrix product they save. A second try ordered targets and
-candidates by k-means cell and skipped the image product of every tile in which
-no caption cosine could beat a target's current k-th best score (with the
-score matrix's symmetry, each tile computed once): on the 50k benchmark data a
-target's caption cosines above its k-th score are ~3% of all candidates, but
-they are spread over 20-46% of the cells, so ~80% of the image products
-remained. Not kept either. Use ``mode="ann"`` for speed on CPU.)
+On the CPU, float32 exact mode uses ``tiled.py`` instead (tiles, per-target
+bounds, symmetry); these block searches are what a GPU runs, and the
+float32 reference. (Two pruned CPU variants were tried and not kept: bounding
+the score by the caption cosine and computing image cosines only where a
+candidate could still enter the top-k cost as much in elementwise passes as
+it saved; skipping the image product of whole k-means-cell tiles left ~80% of
+them, because a target's caption cosines above its k-th score, ~3% of all
+candidates, are spread over 20-46% of the cells.)
 """
 from __future__ import annotations
 

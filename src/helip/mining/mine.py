@@ -3,7 +3,10 @@
 Targets are processed in chunks of ``chunk_size``. With an output directory,
 each finished chunk is written (atomically) to ``OUT/.partial/``; a killed run
 started again with the same options skips the finished chunks and produces
-the same final files. Under ``torchrun`` (an initialised torch.distributed
+the same final files. (Exact mode on the CPU in one process computes each tile
+of the symmetric score matrix once, ``tiled.SymmetricSearch``: later chunks'
+partial top-k lists are saved beside each finished chunk, and a resumed run
+continues from the last saved position.) Under ``torchrun`` (an initialised torch.distributed
 process group) rank r takes chunks r, r+W, r+2W, ...; rank 0 merges them into
 one output once all ranks are done. Search modes differ only in the candidates
 each target is scored against (see ``score.py``).
@@ -28,6 +31,7 @@ from ..io import save_npy, save_with
 from ..resumable import barrier, partial_dir, rank_and_world
 from .ann import build_cells, default_nlist, group, recall_at_k, search_ann
 from .exact import PRECISIONS, search_exact, search_exact_lowp
+from .tiled import SymmetricSearch, blas_threads, search_rows
 from .score import METHODS
 from .store import HardPairs, save_hard_pairs
 from .subset import search_subset
@@ -116,6 +120,9 @@ class _Run:
         self.img, self.txt, self.cfg, self.n = img, txt, cfg, len(img)
         self.cells = None
         self.stats = {"fallback_rows": 0}
+        # float32 exact search on the CPU: cache-sized tiles with per-target bounds (tiled.py); on a GPU
+        # the large-block search (exact.py) suits the hardware better
+        self.tiled = not img.is_cuda and cfg.resolved_precision() == "fp32"
 
     def prepare_cells(self, partial: Optional[Path], rank: int) -> None:
         """ANN only: build the cells (rank 0, once per resumable run, saved beside the chunks) or load them."""
@@ -148,12 +155,51 @@ class _Run:
             if c.resolved_precision() != "fp32":
                 return search_exact_lowp(*common, precision=c.resolved_precision(), on_block=on_block,
                                          stats=self.stats)
+            if self.tiled:
+                return search_rows(*common[:-1], on_block=on_block)
             return search_exact(*common, on_block=on_block)
         if mode == "subset":
             return search_subset(*common, c.candidates, c.redraw_every, c.seed, on_block=on_block)
         return search_ann(*common, self.cells, on_block=on_block)
 
 
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    save_with(path, write)
+
+
+def _search_symmetric(run: _Run, rows_of, chunk_path, partial: Optional[Path], indices: np.ndarray,
+                      scores: np.ndarray, done_here: set, bar) -> None:
+    """Exact mode, whole run in one process: chunks in order through one ``SymmetricSearch``.
+
+    A chunk is final once the search has passed its last row; after writing it,
+    the search's position and the later rows' partial lists are saved, so a
+    killed run resumes from there. A chunk file without a matching saved
+    position (killed in between) is searched again, with the same result.
+    """
+    c = run.cfg
+    search = SymmetricSearch(run.txt, run.img, c.k, c.method, c.dup_threshold, c.min_similarity, c.seed)
+    state_path = partial / "symmetric_state.npz" if partial is not None else None
+    if state_path is not None and state_path.is_file():
+        with np.load(state_path) as z:
+            search.restore(dict(z))
+    for chunk, rows in enumerate(rows_of):
+        lo, hi = int(rows[0]), int(rows[-1]) + 1   # target order is 0..N-1 in exact mode
+        if hi <= search.done:
+            continue   # final in an earlier run: read back from its chunk file
+        search.advance(hi, on_block=bar.update)
+        idx, sc = search.result(slice(lo, hi))
+        indices[lo:hi], scores[lo:hi] = idx, sc
+        done_here.add(chunk)
+        if chunk_path[chunk] is not None:
+            _save_npz(chunk_path[chunk], indices=idx, scores=sc)
+            if hi < run.n:
+                _save_npz(state_path, **search.state())
+
+
+@blas_threads()   # numpy's BLAS (used on the CPU, see score.cosines) with torch's thread count
 def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, config: Optional[MineConfig] = None,
                     out_dir: Optional[Path] = None, extra_meta: Optional[dict] = None,
                     exclude: Optional[np.ndarray] = None, **overrides) -> HardPairs:
@@ -215,20 +261,21 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     scores = np.empty((n, cfg.k), dtype=np.float32)
     done_here = set()  # chunks this process searched: already in the arrays, not read back from disk
     mine_chunks = range(rank, n_chunks, world)
+    symmetric = cfg.mode == "exact" and run.tiled and world == 1
     with tqdm(total=sum(len(rows_of[c]) for c in mine_chunks), unit="pair", desc=f"mining ({cfg.mode})",
               disable=not cfg.progress) as bar:
+        if symmetric:
+            _search_symmetric(run, rows_of, chunk_path, partial, indices, scores, done_here, bar)
         for c in mine_chunks:
-            if chunk_path[c] is not None and chunk_path[c].is_file():
-                bar.update(len(rows_of[c]))
+            if c in done_here or (chunk_path[c] is not None and chunk_path[c].is_file()):
+                if c not in done_here:
+                    bar.update(len(rows_of[c]))
                 continue
             idx, sc = run.search(rows_of[c], on_block=bar.update)
             indices[rows_of[c]], scores[rows_of[c]] = idx, sc
             done_here.add(c)
             if chunk_path[c] is not None:
-                def write(tmp, idx=idx, sc=sc):
-                    with open(tmp, "wb") as f:
-                        np.savez(f, indices=idx, scores=sc)
-                save_with(chunk_path[c], write)
+                _save_npz(chunk_path[c], indices=idx, scores=sc)
     barrier()
     for c in set(range(n_chunks)) - done_here:  # finished by another rank or by an earlier, killed run
         with np.load(chunk_path[c]) as z:
