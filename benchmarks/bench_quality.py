@@ -42,9 +42,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -56,6 +58,7 @@ from helip.evaluate import EvalConfig, evaluate_model
 from helip.io import save_json, save_text
 from helip.mining import HardPairs, mine_hard_pairs
 from helip.models import load_model
+from helip.train import _LEGACY as TRAIN_LEGACY
 from helip.train import train
 
 # name -> (TrainConfig overrides, hard-pair source); source None means random batches
@@ -75,8 +78,8 @@ VARIANTS = {
     "random_pairs": ({}, "random"),
     "remine1": ({"remine_every": 1}, "hpm"),
     "remine2": ({"remine_every": 2}, "hpm"),
-    "temp0.01": ({"hard_temperature": 0.01}, "hpm"),
-    "temp0.002": ({"hard_temperature": 0.002}, "hpm"),
+    "temp0.01": ({"hard_temperature": 0.01, "hard_temperature_mode": "absolute"}, "hpm"),
+    "temp0.002": ({"hard_temperature": 0.002, "hard_temperature_mode": "absolute"}, "hpm"),
 }
 HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
                 "remine1", "remine2", "temp0.01", "temp0.002")
@@ -154,18 +157,31 @@ def main(argv=None) -> int:
     cfg.pretrain = replace(cfg.pretrain, device=args.device, steps=args.pretrain_steps or cfg.pretrain.steps)
     cfg.continued = replace(cfg.continued, device=args.device, progress=False,
                             steps=args.steps or cfg.continued.steps, lr=args.lr or cfg.continued.lr)
-    w = build_world(cfg)
+    timings = {}  # seconds of each stage before the runs: what a run from scratch pays once
+
+    @contextmanager
+    def stage(name):
+        t0 = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t0, 1)
+
+    with stage("world"):
+        w = build_world(cfg)
     train_pairs = w.tensors["train"]
-    ckpt = pretrained_checkpoint(cfg, train_pairs, default_cache_dir())
-    lm = load_model(cfg.pretrain.model, str(ckpt), device=args.device)
-    img, txt = encode_pairs(lm, train_pairs, device=args.device)
+    with stage("pretrain"):  # about 0 when the demo's cache holds the checkpoint
+        ckpt = pretrained_checkpoint(cfg, train_pairs, default_cache_dir())
+    with stage("encode"):
+        lm = load_model(cfg.pretrain.model, str(ckpt), device=args.device)
+        img, txt = encode_pairs(lm, train_pairs, device=args.device)
     hard = {}
-    for source in dict.fromkeys(VARIANTS[v][1] for v in names):
-        if source in ("hpm", "text", "image"):
-            hard[source] = mine_hard_pairs(img, txt, cfg.mine, method=source, progress=False, device=args.device,
-                                           precision="fp32")  # exact either way; fp32 skips compiling fp16 kernels
-        elif source == "random":
-            hard[source] = random_pairs(len(train_pairs), cfg.mine.k, seed=0)
+    with stage("mine"):
+        for source in dict.fromkeys(VARIANTS[v][1] for v in names):
+            if source in ("hpm", "text", "image"):
+                # exact either way; fp32 skips compiling fp16 kernels
+                hard[source] = mine_hard_pairs(img, txt, cfg.mine, method=source, progress=False,
+                                               device=args.device, precision="fp32")
+            elif source == "random":
+                hard[source] = random_pairs(len(train_pairs), cfg.mine.k, seed=0)
     ecfg = EvalConfig(device=args.device)
 
     def evaluate(path):
@@ -177,14 +193,17 @@ def main(argv=None) -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
               "seeds": seeds, "continued_training": asdict(cfg.continued),
               "pretrain_steps": cfg.pretrain.steps, "mining_k": cfg.mine.k,
-              "pretrained": evaluate(ckpt), "runs": []}
+              "timings_seconds": timings, "runs": []}
+    with stage("eval_pretrained"):
+        report["pretrained"] = evaluate(ckpt)
     if args.resume_from:
         prev = json.loads(Path(args.resume_from).read_text())
         for key in ("pretrain_steps", "mining_k", "device"):
             if prev[key] != report[key]:
                 ap.error(f"--resume-from {args.resume_from} was run with another {key}; start afresh")
         # options added since keep their old behaviour at their defaults: compare the ones both runs know
-        old, new = prev["continued_training"], report["continued_training"]
+        # (or at what they meant before they existed: train's _LEGACY, e.g. the temperature's units)
+        old, new = {**TRAIN_LEGACY, **prev["continued_training"]}, report["continued_training"]
         differ = sorted(k for k in set(old) & set(new) if k != "progress" and old[k] != new[k])
         if differ:
             ap.error(f"--resume-from {args.resume_from} was run with other training options ({differ})")
@@ -192,6 +211,7 @@ def main(argv=None) -> int:
         # a fresh machine re-pretrains: record both starting points so a difference would show
         report["pretrained_of_resumed_runs"] = prev["pretrained"]
     pre = report["pretrained"]
+    print(f"setup seconds {timings}", flush=True)
     print(f"pretrained: val zs {pre['val']['zeroshot_mean']:.4f} test zs {pre['test']['zeroshot_mean']:.4f}", flush=True)
     for seed in seeds:
         for name in names:
@@ -202,16 +222,19 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as d:
                 res = train(tc, train_pairs, Path(d), hard.get(source))
+                t_train = time.perf_counter() - t0
                 r = evaluate(res.checkpoint)
                 remining = json.loads((Path(d) / "train_config.json").read_text())["remining"]
             row = {"variant": name, "seed": seed, "overrides": overrides, "pairs": source,
-                   "seconds": round(time.perf_counter() - t0, 1), **r}
+                   "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(t_train, 1),
+                   "eval_seconds": round(time.perf_counter() - t0 - t_train, 1), "load": os.getloadavg(), **r}
             if remining is not None:  # when the hard pairs were re-mined, and how long it took
                 row["remining"] = [{k: e[k] for k in ("epoch", "step", "seconds")} for e in remining]
             report["runs"].append(row)
             print(f"seed {seed} {name:>13}: val zs {r['val']['zeroshot_mean']:.4f} test zs "
                   f"{r['test']['zeroshot_mean']:.4f} LP {r['test']['linear_probe']:.4f} "
-                  f"i2t {r['test']['retrieval']['i2t_r1']:.4f} ({row['seconds']} s)", flush=True)
+                  f"i2t {r['test']['retrieval']['i2t_r1']:.4f} ({row['seconds']} s: train {row['train_seconds']}, "
+                  f"eval {row['eval_seconds']}; load {row['load'][0]:.2f})", flush=True)
             report["summary"] = summarise(report["runs"])
             report["total_seconds"] = round(time.perf_counter() - t_start, 1)
             save_json(args.out, report)
