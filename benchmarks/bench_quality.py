@@ -80,9 +80,10 @@ VARIANTS = {
     "remine2": ({"remine_every": 2}, "hpm"),
     "temp0.01": ({"hard_temperature": 0.01, "hard_temperature_mode": "absolute"}, "hpm"),
     "temp0.002": ({"hard_temperature": 0.002, "hard_temperature_mode": "absolute"}, "hpm"),
+    "rel0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "relative"}, "hpm"),
 }
 HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
-                "remine1", "remine2", "temp0.01", "temp0.002")
+                "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05")
 METRICS = {"zeroshot_mean": lambda r: r["zeroshot_mean"], "linear_probe": lambda r: r["linear_probe"],
            "i2t_r1": lambda r: r["retrieval"]["i2t_r1"], "t2i_r1": lambda r: r["retrieval"]["t2i_r1"]}
 
@@ -95,6 +96,37 @@ def random_pairs(n: int, k: int, seed: int) -> HardPairs:
         j = rng.choice(n - 1, size=k, replace=False)
         idx[i] = j + (j >= i)
     return HardPairs(indices=idx, scores=np.zeros((n, k), np.float32), meta={"method": "random", "k": k, "n": n})
+
+
+# options that cannot change a run: how it is shown and logged, and, with random batches (or a uniform
+# draw), the partner temperature and its units
+_NO_EFFECT = ("progress", "log_every", "tensorboard")
+
+
+def effective_run(base: dict, overrides: dict, pairs) -> dict:
+    """What a run trains with: the base continued-training options with the variant's overrides, normalised.
+
+    Options a run's JSON predates take what they meant before they existed
+    (train's ``_LEGACY``: an old temperature was in score units), so runs
+    written by older versions of this script compare correctly.
+    """
+    cfg = {**TRAIN_LEGACY, **base, **overrides}
+    for k in _NO_EFFECT:
+        cfg.pop(k, None)
+    if cfg.get("hard_per_target") == 0 or pairs is None or cfg.get("hard_temperature") == 0:
+        cfg.pop("hard_temperature_mode", None)
+        if cfg.get("hard_per_target") == 0 or pairs is None:
+            cfg.pop("hard_temperature", None)
+    return {"config": cfg, "pairs": pairs}
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Equal pairs and equal options, compared on the options both know (a newer option at its default
+    keeps an older run's behaviour, as ``_LEGACY`` guarantees for the ones where it would not)."""
+    shared = set(a["config"]) & set(b["config"])
+    dropped = set(a["config"]) ^ set(b["config"])  # popped on one side only: a temperature on one, none on the other
+    return (a["pairs"] == b["pairs"] and all(a["config"][k] == b["config"][k] for k in shared)
+            and not dropped & {"hard_temperature", "hard_temperature_mode"})
 
 
 def summarise(rows: list) -> dict:
@@ -140,8 +172,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="continued-training learning rate (default: the demo's)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="starting model's steps (default: the demo's)")
     ap.add_argument("--quick", action="store_true", help="smoke test on the test suite's tiny world")
-    ap.add_argument("--resume-from", default=None,
-                    help="a JSON this script wrote: its runs are kept and not repeated (same settings required)")
+    ap.add_argument("--resume-from", action="append", default=[],
+                    help="a JSON this script wrote (repeatable): its runs that equal a requested-or-listed "
+                         "variant's current definition are kept and not repeated")
     ap.add_argument("--out", default="benchmarks/results/bench_quality.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -196,20 +229,29 @@ def main(argv=None) -> int:
               "timings_seconds": timings, "runs": []}
     with stage("eval_pretrained"):
         report["pretrained"] = evaluate(ckpt)
-    if args.resume_from:
-        prev = json.loads(Path(args.resume_from).read_text())
+    for path in args.resume_from:
+        prev = json.loads(Path(path).read_text())
         for key in ("pretrain_steps", "mining_k", "device"):
             if prev[key] != report[key]:
-                ap.error(f"--resume-from {args.resume_from} was run with another {key}; start afresh")
-        # options added since keep their old behaviour at their defaults: compare the ones both runs know
-        # (or at what they meant before they existed: train's _LEGACY, e.g. the temperature's units)
-        old, new = {**TRAIN_LEGACY, **prev["continued_training"]}, report["continued_training"]
-        differ = sorted(k for k in set(old) & set(new) if k != "progress" and old[k] != new[k])
-        if differ:
-            ap.error(f"--resume-from {args.resume_from} was run with other training options ({differ})")
-        report["runs"] = prev["runs"]
+                ap.error(f"--resume-from {path} was run with another {key}; start afresh")
+        kept = 0
+        for row in prev["runs"]:
+            # a run is kept under the variant whose current definition it equals (so a variant whose meaning
+            # changed, like helip when the demo's defaults changed, is not mislabelled), or not at all
+            ran = effective_run(prev["continued_training"], row["overrides"], row["pairs"])
+            same = [v for v in dict.fromkeys([row["variant"], *VARIANTS])
+                    if same_run(effective_run(report["continued_training"], *VARIANTS[v]), ran)]
+            if not same or any(r["variant"] == same[0] and r["seed"] == row["seed"] for r in report["runs"]):
+                print(f"--resume-from {path}: not kept: {row['variant']} seed {row['seed']} (no variant runs it "
+                      f"now{'' if not same else ', or already kept'})", flush=True)
+                continue
+            if same[0] != row["variant"]:
+                print(f"--resume-from {path}: {row['variant']} seed {row['seed']} is now {same[0]}", flush=True)
+            report["runs"].append({**row, "variant": same[0], "overrides": VARIANTS[same[0]][0]})
+            kept += 1
+        print(f"--resume-from {path}: kept {kept} of {len(prev['runs'])} runs", flush=True)
         # a fresh machine re-pretrains: record both starting points so a difference would show
-        report["pretrained_of_resumed_runs"] = prev["pretrained"]
+        report.setdefault("pretrained_of_resumed_runs", {})[path] = prev["pretrained"]
     pre = report["pretrained"]
     print(f"setup seconds {timings}", flush=True)
     print(f"pretrained: val zs {pre['val']['zeroshot_mean']:.4f} test zs {pre['test']['zeroshot_mean']:.4f}", flush=True)
