@@ -306,46 +306,57 @@ def test_temperature_draws_partners_by_score():
     check_batches(make(0.1), hard, 1, k, exact_structure=False)
 
 
-def test_relative_temperature_draws_by_each_rows_own_spread():
-    """P(j first) ~ exp((s_j - s_1) / (T (s_1 - s_k))) over the valid top-k, whatever the row's score scale."""
+def first_draws(sampler, hard, row, k, rng, draws=20000):
+    """Share of draws in which each of row's first k places comes first."""
+    return np.bincount([int(np.flatnonzero(hard[row] == sampler._draw_order(row, rng)[0])[0]) for _ in range(draws)],
+                       minlength=hard.shape[1])[:k] / draws
+
+
+def test_relative_temperatures_draw_by_the_median_spread_or_each_rows_own():
+    """relative: P(j) ~ exp((s_j - s_1) / (T * median_i(s_1 - s_k))); per_target: each row's own s_1 - s_k."""
     n, k, t = 60, 6, 0.5
     hard = permutation_lists(n, k + 2)
     rng = np.random.default_rng(1)
     scores = np.sort(rng.uniform(0, 1, size=(n, k + 2)), axis=1)[:, ::-1].astype(np.float32)
-    scores[1] = 0.3 + 0.001 * scores[0]  # the same shape of scores in a far narrower range...
-    scores[2] = 0.3 + 0.001 * scores[3]  # ...so rows 2 and 3 draw alike, and row 1 draws like row 0
-    s = HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=k, hard_scores=scores,
-                             hard_temperature=t)
+    scores[1] = 0.3 + 0.001 * scores[0]  # the same shape of scores as row 0 in a far narrower range...
+    scores[2] = 0.3 + 0.001 * scores[3]  # ...and row 3's
+    spreads = (scores[:, 0] - scores[:, k - 1]).astype(np.float64)  # only the first top_k places count
     rng = np.random.default_rng(0)
 
-    def first(row, draws=20000):
-        return np.bincount([int(np.flatnonzero(hard[row] == s._draw_order(row, rng)[0])[0]) for _ in range(draws)],
-                           minlength=k + 2)[:k] / draws
+    def make(mode):
+        return HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=k, hard_scores=scores,
+                                    hard_temperature=t, temperature_mode=mode)
 
+    def softmax(row, unit):
+        sr = scores[row, :k].astype(np.float64)
+        e = np.exp((sr - sr[0]) / (t * unit))
+        return e / e.sum()
+
+    per, rel = make("per_target"), make("relative")
+    assert rel.spread_unit == pytest.approx(np.median(spreads), rel=1e-6)
     for row in (0, 3):
-        sr = scores[row, :k].astype(np.float64)  # only the first top_k places count, for the spread too
-        want = np.exp((sr - sr[0]) / (t * (sr[0] - sr[-1])))
-        assert np.abs(first(row) - want / want.sum()).max() < 0.015
-    assert np.abs(first(1) - first(0)).max() < 0.02 and np.abs(first(2) - first(3)).max() < 0.02
-    # the absolute temperature, by contrast, sees row 1's narrow scores as all but equal: near uniform
-    a = HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=k, hard_scores=scores,
-                             hard_temperature=t, temperature_mode="absolute")
-    near_uniform = np.bincount([int(np.flatnonzero(hard[1] == a._draw_order(1, rng)[0])[0]) for _ in range(6000)],
-                               minlength=k) / 6000
-    assert np.abs(near_uniform - 1 / k).max() < 0.03 and first(1)[0] > 0.3
+        assert np.abs(first_draws(per, hard, row, k, rng) - softmax(row, spreads[row])).max() < 0.015
+        assert np.abs(first_draws(rel, hard, row, k, rng) - softmax(row, np.median(spreads))).max() < 0.015
+    # per_target: a narrow row draws like the wide row of the same shape
+    assert np.abs(first_draws(per, hard, 1, k, rng) - first_draws(per, hard, 0, k, rng)).max() < 0.02
+    # relative: one unit for all rows, so the narrow row (spread 1/1000 of the typical) draws almost uniformly,
+    # as the absolute temperature in score units does
+    near_uniform = first_draws(rel, hard, 1, k, rng, 6000)
+    assert np.abs(near_uniform - 1 / k).max() < 0.03 and first_draws(per, hard, 1, k, rng)[0] > 0.3
 
 
+@pytest.mark.parametrize("mode", ["relative", "per_target"])
 @pytest.mark.parametrize("a,b", [(4.0, -2.5), (0.25, 3.0), (1.0, 0.75)])
-def test_relative_temperature_is_invariant_to_an_affine_rescaling_of_the_scores(a, b):
+def test_relative_temperature_is_invariant_to_an_affine_rescaling_of_the_scores(a, b, mode):
     """s -> a*s + b (a > 0) draws the same batches; dyadic scores keep the rescaling exact in float32."""
     n, k = 80, 10
     hard = ragged_lists(n, k, seed=2)
     scores = np.random.default_rng(3).integers(0, 256, size=(n, k)).astype(np.float32) / 256
     scores = -np.sort(-scores, axis=1)
 
-    def make(sc, mode="relative"):
+    def make(sc, how=mode):
         return HardPairBatchSampler(hard, batch_size=16, hard_per_target=2, top_k=8, seed=4, hard_scores=sc,
-                                    hard_temperature=0.3, temperature_mode=mode)
+                                    hard_temperature=0.3, temperature_mode=how)
 
     rescaled = (a * scores + b).astype(np.float32)
     assert np.array_equal((rescaled - b) / a, scores)  # exact, so any difference below is the sampler's
@@ -361,21 +372,22 @@ def test_relative_temperature_is_invariant_to_an_affine_rescaling_of_the_scores(
     assert batches_of(make(scores)) != batches_of(make(-scores))
 
 
-def test_relative_temperature_with_zero_spread_draws_uniformly():
+@pytest.mark.parametrize("mode", ["relative", "per_target"])
+def test_relative_temperature_with_zero_spread_draws_uniformly(mode):
     """A row whose valid scores are all equal carries no ranking: it is drawn as with temperature 0."""
     n, k = 70, 8
     hard = ragged_lists(n, k, seed=6)
     flat = np.where(hard >= 0, 0.42, -np.inf).astype(np.float32)  # padding's scores are never read
     uniform = HardPairBatchSampler(hard, batch_size=12, hard_per_target=1, top_k=k, seed=7)
     relative = HardPairBatchSampler(hard, batch_size=12, hard_per_target=1, top_k=k, seed=7, hard_scores=flat,
-                                    hard_temperature=0.05)
+                                    hard_temperature=0.05, temperature_mode=mode)
     assert batches_of(relative) == batches_of(uniform)
     # one row with spread among flat rows: only that row's draw follows the scores
     scores = flat.copy()
     full = np.flatnonzero((hard >= 0).sum(1) == k)[0]
     scores[full] = np.linspace(1.0, 0.0, k)
     mixed = HardPairBatchSampler(hard, batch_size=12, hard_per_target=1, top_k=k, seed=7, hard_scores=scores,
-                                 hard_temperature=0.01)
+                                 hard_temperature=0.01, temperature_mode=mode)
     assert mixed.flat.sum() == n - 1 and not mixed.flat[full]
     rng = np.random.default_rng(0)
     firsts = Counter(int(mixed._draw_order(full, rng)[0]) for _ in range(300))

@@ -151,7 +151,8 @@ def test_resume_with_other_options_is_refused(tmp_path, tiny):
 
 
 def test_a_checkpoint_from_before_the_temperature_mode_resumes_in_score_units():
-    """Checkpoints written before hard_temperature_mode existed drew in score units: resuming them relative is refused."""
+    """Checkpoints written before hard_temperature_mode existed drew in score units: resuming them relative is
+    refused."""
     from dataclasses import asdict
 
     def saved(**kw):
@@ -159,8 +160,8 @@ def test_a_checkpoint_from_before_the_temperature_mode_resumes_in_score_units():
         del config["hard_temperature_mode"]
         return {"config": config}
 
-    _check_compatible(saved(hard_temperature=0.01), TrainConfig(hard_temperature=0.01, hard_temperature_mode="absolute"),
-                      {}, Path("old.pt"))
+    absolute = TrainConfig(hard_temperature=0.01, hard_temperature_mode="absolute")
+    _check_compatible(saved(hard_temperature=0.01), absolute, {}, Path("old.pt"))
     with pytest.raises(ConfigError, match="hard_temperature_mode: 'absolute' -> 'relative'"):
         _check_compatible(saved(hard_temperature=0.01), TrainConfig(hard_temperature=0.01), {}, Path("old.pt"))
     # a uniform draw (temperature 0) has no units: either mode resumes it

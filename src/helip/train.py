@@ -96,9 +96,12 @@ class TrainConfig:
     hard_per_target: int = 1
     hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
     top_k: int = 50
-    # partners drawn by score over the top_k: "relative" P ~ exp((s - s_1) / (T * (s_1 - s_k))), T in units of
-    # each target's own score spread (scale-free); "absolute" P ~ exp(s / T), T in score units; T = 0: uniform
-    hard_temperature: float = 0.0
+    # partners drawn by mining score over the top_k (helip.sampler), T's unit by the mode: "relative" the median
+    # over targets of a target's top-k score spread s_1 - s_k (scale-free), "per_target" each target's own spread,
+    # "absolute" score units; T = 0: uniform (the paper's draw). Relative 0.05 is the absolute 0.01 measured on the
+    # built-in world (median spread 0.200: the same partner in 99.95% of draws), chosen on validation
+    # (benchmarks/results/bench_quality_steps700_rel.md)
+    hard_temperature: float = 0.05
     hard_temperature_mode: str = "relative"
     remine_every: int = 0            # re-mine the hard pairs with the current model every N epochs (0: never)
     hnml_weight: float = 1.0
