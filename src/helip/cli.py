@@ -311,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each batch in target+hard-partner groups; the rest are random targets")
     p.add_argument("--hard-temperature", type=float, default=d.hard_temperature,
                    help="draw partners by mining score over the top-k (0: uniformly): "
-                        "P ~ exp((s - s_1) / (T * unit)), the unit set by --hard-temperature-mode")
+                        "P ~ exp((s - s_1) / (T * unit)), the unit set by --hard-temperature-mode "
+                        "(default %(default)s)")
     p.add_argument("--hard-temperature-mode", default=d.hard_temperature_mode, choices=TEMPERATURE_MODES,
                    help="relative: unit = the median over targets of their top-k score spread s_1 - s_k "
-                        "(scale-free, the default); per_target: each target's own spread; absolute: score units")
+                        "(scale-free, default); per_target: each target's own spread; absolute: score units")
     p.add_argument("--remine-every", type=int, default=d.remine_every,
                    help="re-mine the hard pairs with the current model every N epochs, with the options that "
                         "mined them (0: never); results in OUT/remined/epoch_N")
