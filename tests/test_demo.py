@@ -63,3 +63,25 @@ def test_checkpoint_loads_with_stock_open_clip(quick_demo):
         a = stock.eval().encode_image(pairs.images, normalize=True).numpy()
     b, _ = encode_pairs(ours, pairs)
     assert np.allclose(a, b, atol=1e-6)
+
+
+def test_pretraining_cache_key_ignores_partner_options_random_batches_cannot_use():
+    """Pretraining draws random batches: the partner temperature and its units must not change the cache key
+    (a key change re-pretrains the demo's starting model: minutes on a CPU), while real options still do."""
+    from dataclasses import replace
+
+    from helip.demo import DemoConfig, _pretrain_key
+
+    cfg = DemoConfig()
+    key = _pretrain_key(cfg)
+    for kw in ({"hard_temperature": 0.3}, {"hard_temperature_mode": "absolute"},
+               {"hard_temperature": 0.01, "hard_temperature_mode": "absolute"}):
+        other = DemoConfig()
+        other.pretrain = replace(other.pretrain, **kw)
+        assert _pretrain_key(other) == key, kw
+    other = DemoConfig()
+    other.pretrain = replace(other.pretrain, steps=cfg.pretrain.steps + 1)
+    assert _pretrain_key(other) != key
+    other = DemoConfig()  # the continued-training options are not part of the pretraining key at all
+    other.continued = replace(other.continued, hard_temperature=0.5, hard_temperature_mode="relative")
+    assert _pretrain_key(other) == key

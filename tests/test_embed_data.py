@@ -158,3 +158,22 @@ def test_sentence_transformers_text_encoder_from_a_local_dir(tmp_path, lm):
     from sentence_transformers import SentenceTransformer
     direct = SentenceTransformer(str(st_dir)).encode(CAPTIONS[:2], normalize_embeddings=True)
     assert np.allclose(txt[:2], direct, atol=2e-3)
+
+
+def test_encode_images_equals_the_image_half_of_encode_pairs(lm):
+    """The linear probe's image-only encoding must give exactly the features encode_pairs gives."""
+    from helip.data.pairs import PairTensors
+    from helip.embed import encode_images, encode_pairs
+
+    g = torch.Generator().manual_seed(0)
+    n = 70  # two batches of 64 below, the second partial
+    size = lm.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    pairs = PairTensors(torch.randn(n, 3, size, size, generator=g), torch.randint(1, 400, (n, 32), generator=g),
+                        [""] * n)
+    lm.model.train()
+    img, _ = encode_pairs(lm, pairs, batch_size=64)
+    lm.model.train()  # encode_images must not depend on (nor keep) the mode it finds
+    only = encode_images(lm, pairs.images, batch_size=64)
+    assert lm.model.training
+    assert np.array_equal(only, img) and only.shape == (n, img.shape[1])

@@ -283,7 +283,7 @@ def test_temperature_draws_partners_by_score():
 
     def make(t, seed=0):
         return HardPairBatchSampler(hard, batch_size=40, hard_per_target=1, top_k=k, seed=seed,
-                                    hard_scores=scores, hard_temperature=t)
+                                    hard_scores=scores, hard_temperature=t, temperature_mode="absolute")
 
     # tiny T: the best partner unless it is already in the batch; T=0 (uniform): about 1 in k
     cold, uniform = partner_ranks(make(1e-3), hard), partner_ranks(make(0.0), hard)
@@ -304,6 +304,99 @@ def test_temperature_draws_partners_by_score():
     assert batches_of(make(0.1)) == batches_of(make(0.1))
     assert batches_of(make(0.1)) != batches_of(make(0.1, seed=1))
     check_batches(make(0.1), hard, 1, k, exact_structure=False)
+
+
+def first_draws(sampler, hard, row, k, rng, draws=20000):
+    """Share of draws in which each of row's first k places comes first."""
+    return np.bincount([int(np.flatnonzero(hard[row] == sampler._draw_order(row, rng)[0])[0]) for _ in range(draws)],
+                       minlength=hard.shape[1])[:k] / draws
+
+
+def test_relative_temperatures_draw_by_the_median_spread_or_each_rows_own():
+    """relative: P(j) ~ exp((s_j - s_1) / (T * median_i(s_1 - s_k))); per_target: each row's own s_1 - s_k."""
+    n, k, t = 60, 6, 0.5
+    hard = permutation_lists(n, k + 2)
+    rng = np.random.default_rng(1)
+    scores = np.sort(rng.uniform(0, 1, size=(n, k + 2)), axis=1)[:, ::-1].astype(np.float32)
+    scores[1] = 0.3 + 0.001 * scores[0]  # the same shape of scores as row 0 in a far narrower range...
+    scores[2] = 0.3 + 0.001 * scores[3]  # ...and row 3's
+    spreads = (scores[:, 0] - scores[:, k - 1]).astype(np.float64)  # only the first top_k places count
+    rng = np.random.default_rng(0)
+
+    def make(mode):
+        return HardPairBatchSampler(hard, batch_size=8, hard_per_target=1, top_k=k, hard_scores=scores,
+                                    hard_temperature=t, temperature_mode=mode)
+
+    def softmax(row, unit):
+        sr = scores[row, :k].astype(np.float64)
+        e = np.exp((sr - sr[0]) / (t * unit))
+        return e / e.sum()
+
+    per, rel = make("per_target"), make("relative")
+    assert rel.spread_unit == pytest.approx(np.median(spreads), rel=1e-6)
+    for row in (0, 3):
+        assert np.abs(first_draws(per, hard, row, k, rng) - softmax(row, spreads[row])).max() < 0.015
+        assert np.abs(first_draws(rel, hard, row, k, rng) - softmax(row, np.median(spreads))).max() < 0.015
+    # per_target: a narrow row draws like the wide row of the same shape
+    assert np.abs(first_draws(per, hard, 1, k, rng) - first_draws(per, hard, 0, k, rng)).max() < 0.02
+    # relative: one unit for all rows, so the narrow row (spread 1/1000 of the typical) draws almost uniformly,
+    # as the absolute temperature in score units does
+    near_uniform = first_draws(rel, hard, 1, k, rng, 6000)
+    assert np.abs(near_uniform - 1 / k).max() < 0.03 and first_draws(per, hard, 1, k, rng)[0] > 0.3
+
+
+@pytest.mark.parametrize("mode", ["relative", "per_target"])
+@pytest.mark.parametrize("a,b", [(4.0, -2.5), (0.25, 3.0), (1.0, 0.75)])
+def test_relative_temperature_is_invariant_to_an_affine_rescaling_of_the_scores(a, b, mode):
+    """s -> a*s + b (a > 0) draws the same batches; dyadic scores keep the rescaling exact in float32."""
+    n, k = 80, 10
+    hard = ragged_lists(n, k, seed=2)
+    scores = np.random.default_rng(3).integers(0, 256, size=(n, k)).astype(np.float32) / 256
+    scores = -np.sort(-scores, axis=1)
+
+    def make(sc, how=mode):
+        return HardPairBatchSampler(hard, batch_size=16, hard_per_target=2, top_k=8, seed=4, hard_scores=sc,
+                                    hard_temperature=0.3, temperature_mode=how)
+
+    rescaled = (a * scores + b).astype(np.float32)
+    assert np.array_equal((rescaled - b) / a, scores)  # exact, so any difference below is the sampler's
+    for epoch in range(3):
+        same, moved = make(scores), make(rescaled)
+        same.set_epoch(epoch)
+        moved.set_epoch(epoch)
+        assert batches_of(same) == batches_of(moved)
+    # the absolute temperature is not scale-free: the same rescaling changes its draws
+    if a != 1.0:
+        assert batches_of(make(scores, "absolute")) != batches_of(make(rescaled, "absolute"))
+    # and the draws do depend on the scores: reversing their order within the rows changes the batches
+    assert batches_of(make(scores)) != batches_of(make(-scores))
+
+
+@pytest.mark.parametrize("mode", ["relative", "per_target"])
+def test_relative_temperature_with_zero_spread_draws_uniformly(mode):
+    """A row whose valid scores are all equal carries no ranking: it is drawn as with temperature 0."""
+    n, k = 70, 8
+    hard = ragged_lists(n, k, seed=6)
+    flat = np.where(hard >= 0, 0.42, -np.inf).astype(np.float32)  # padding's scores are never read
+    uniform = HardPairBatchSampler(hard, batch_size=12, hard_per_target=1, top_k=k, seed=7)
+    relative = HardPairBatchSampler(hard, batch_size=12, hard_per_target=1, top_k=k, seed=7, hard_scores=flat,
+                                    hard_temperature=0.05, temperature_mode=mode)
+    assert batches_of(relative) == batches_of(uniform)
+    # one row with spread among flat rows: only that row's draw follows the scores
+    scores = flat.copy()
+    full = np.flatnonzero((hard >= 0).sum(1) == k)[0]
+    scores[full] = np.linspace(1.0, 0.0, k)
+    mixed = HardPairBatchSampler(hard, batch_size=12, hard_per_target=1, top_k=k, seed=7, hard_scores=scores,
+                                 hard_temperature=0.01, temperature_mode=mode)
+    assert mixed.flat.sum() == n - 1 and not mixed.flat[full]
+    rng = np.random.default_rng(0)
+    firsts = Counter(int(mixed._draw_order(full, rng)[0]) for _ in range(300))
+    assert firsts[int(hard[full, 0])] > 295  # T = 0.01 of the spread: the best partner almost always
+
+
+def test_temperature_mode_is_checked():
+    with pytest.raises(ConfigError, match="temperature_mode"):
+        HardPairBatchSampler(permutation_lists(20, 4), batch_size=8, temperature_mode="kelvin")
 
 
 def test_temperature_needs_scores():

@@ -18,7 +18,7 @@ from helip.errors import ConfigError
 from helip.mining.store import HardPairs
 from helip.models import CONFIG_DIR
 from helip.sampler import HardPairBatchSampler
-from helip.train import Trainer, TensorPairs, TrainConfig, list_checkpoints, train
+from helip.train import Trainer, TensorPairs, TrainConfig, _check_compatible, list_checkpoints, train
 
 N = 48  # 6 batches of 16 (8 targets + 8 partners) per epoch: the 7-step runs below cross an epoch
 
@@ -148,6 +148,26 @@ def test_resume_with_other_options_is_refused(tmp_path, tiny):
     train(base_cfg(model=tiny, steps=2), pairs(), tmp_path, hard_pairs())
     with pytest.raises(ConfigError, match="batch_size: 16 -> 24"):
         train(base_cfg(model=tiny, steps=2, batch_size=24, resume="auto"), pairs(), tmp_path, hard_pairs())
+
+
+def test_a_checkpoint_from_before_the_temperature_mode_resumes_in_score_units():
+    """Checkpoints written before hard_temperature_mode existed drew in score units: resuming them relative is
+    refused."""
+    from dataclasses import asdict
+
+    def saved(**kw):
+        config = asdict(TrainConfig(**kw))
+        del config["hard_temperature_mode"]
+        return {"config": config}
+
+    absolute = TrainConfig(hard_temperature=0.01, hard_temperature_mode="absolute")
+    _check_compatible(saved(hard_temperature=0.01), absolute, {}, Path("old.pt"))
+    with pytest.raises(ConfigError, match="hard_temperature_mode: 'absolute' -> 'relative'"):
+        _check_compatible(saved(hard_temperature=0.01), TrainConfig(hard_temperature=0.01), {}, Path("old.pt"))
+    # a uniform draw (temperature 0) has no units: either mode resumes it
+    _check_compatible(saved(hard_temperature=0.0), TrainConfig(hard_temperature=0.0), {}, Path("old.pt"))
+    with pytest.raises(ConfigError, match="hard_temperature_mode"):
+        TrainConfig(hard_temperature_mode="kelvin").validate()
 
 
 def test_feature_caching_accumulation_equals_one_big_batch(tiny):

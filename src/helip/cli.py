@@ -151,7 +151,8 @@ def cmd_train(args) -> None:
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
                       hnml_weight=args.hnml_weight if hard is not None else 0.0, hnml_margin=args.hnml_margin,
-                      hard_temperature=args.hard_temperature, remine_every=args.remine_every,
+                      hard_temperature=args.hard_temperature,
+                      hard_temperature_mode=args.hard_temperature_mode, remine_every=args.remine_every,
                       hard_fraction=args.hard_fraction, device=args.device, objective=args.objective,
                       slip=SlipConfig(ssl_scale=args.ssl_scale, ssl_temperature=args.ssl_temperature,
                                       head=args.slip_head, mlp_dim=args.simclr_mlp_dim, out_dim=args.simclr_out_dim),
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")
     p.set_defaults(func=cmd_mine)
 
+    from .sampler import TEMPERATURE_MODES
     from .train import FREEZE, PRECISIONS, TrainConfig
 
     d = TrainConfig()
@@ -308,7 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hard-fraction", type=float, default=d.hard_fraction,
                    help="share of each batch in target+hard-partner groups; the rest are random targets")
     p.add_argument("--hard-temperature", type=float, default=d.hard_temperature,
-                   help="draw partners with probability ~ exp(score / T) over the top-k (0: uniform)")
+                   help="draw partners by mining score over the top-k (0: uniformly): "
+                        "P ~ exp((s - s_1) / (T * unit)), the unit set by --hard-temperature-mode "
+                        "(default %(default)s)")
+    p.add_argument("--hard-temperature-mode", default=d.hard_temperature_mode, choices=TEMPERATURE_MODES,
+                   help="relative: unit = the median over targets of their top-k score spread s_1 - s_k "
+                        "(scale-free, default); per_target: each target's own spread; absolute: score units")
     p.add_argument("--remine-every", type=int, default=d.remine_every,
                    help="re-mine the hard pairs with the current model every N epochs, with the options that "
                         "mined them (0: never); results in OUT/remined/epoch_N")

@@ -239,6 +239,22 @@ def encode_pairs(lm: LoadedModel, pairs: PairTensors, batch_size: int = 512, dev
     return encode_batches(model, batches, device, total=len(starts), progress=progress)
 
 
+def encode_images(lm: LoadedModel, images: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
+    """L2-normalised image embeddings only, float32 numpy [N, d]: the same batches and values as
+    ``encode_pairs(...)[0]`` without encoding the captions (a linear probe needs images only)."""
+    model = lm.model.to(device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = [model.encode_image(images[s:s + batch_size].to(device), normalize=True).float().cpu()
+                   for s in range(0, len(images), batch_size)]
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(out).numpy()
+
+
 # ---------------------------------------------------------------------------
 # The resumable, sharded writer
 # ---------------------------------------------------------------------------

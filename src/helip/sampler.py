@@ -6,10 +6,27 @@ builds whole batches so it can promise what a contrastive loss needs:
 - every pair is a *target* exactly once per epoch (per rank shard, see below);
 - each target is followed by ``hard_per_target`` partners drawn without
   replacement from the first ``top_k`` entries of its hard-pair list:
-  uniformly (the released sampler), or, with ``hard_temperature`` T > 0, with
-  probability proportional to exp(score / T) over the mining scores
-  (``hard_scores``), so a small T favours the hardest partners and a large T
-  approaches the uniform draw;
+  uniformly (the released sampler), or, with ``hard_temperature`` T > 0, by
+  the mining scores (``hard_scores``), so a small T favours the hardest
+  partners and a large T approaches the uniform draw. T's unit is set by
+  ``temperature_mode``:
+
+  - ``"relative"`` (helip's default): the median, over targets, of a target's
+    score spread s_1 - s_k over its valid top-k list (s_1 / s_k its highest /
+    lowest score); P(j) ~ exp(s_j / (T * median spread)). The same T means the
+    same sharpness at any score scale (invariant to s -> a*s + b, a > 0), while
+    a target whose k partners are nearly equally hard still draws them nearly
+    uniformly and one with a clear hardest partner favours it;
+  - ``"per_target"``: each target's own spread,
+    P(j) ~ exp((s_j - s_1) / (T * (s_1 - s_k))): every target equally sharp
+    (also scale-free; measured a point worse than the others on the built-in
+    world's validation split, see the README);
+  - ``"absolute"``: score units, P(j) ~ exp(s_j / T), whose meaning depends on
+    how spread the scores of the data at hand are.
+
+  In the relative modes a target whose k scores are all equal (or that has a
+  single partner) draws uniformly, as does every target when no spread is
+  positive;
 - no index appears twice in a batch (a duplicate would be its own negative);
   a partner already in the batch is replaced by the next draw from the list,
   and places no list can fill are filled with random pairs (the released
@@ -42,6 +59,8 @@ from torch.utils.data import Sampler
 
 from .errors import ConfigError, InputError
 
+TEMPERATURE_MODES = ("relative", "per_target", "absolute")
+
 
 class HardPairBatchSampler(Sampler[List[int]]):
     def __init__(
@@ -58,6 +77,7 @@ class HardPairBatchSampler(Sampler[List[int]]):
         hard_fraction: float = 1.0,
         hard_scores: Optional[np.ndarray] = None,
         hard_temperature: float = 0.0,
+        temperature_mode: str = "relative",
     ):
         if hard_pairs is None:
             if num_samples is None:
@@ -82,6 +102,9 @@ class HardPairBatchSampler(Sampler[List[int]]):
             raise ConfigError(f"top_k must be at least 1, got {top_k}.")
         if hard_temperature < 0:
             raise ConfigError(f"hard_temperature must be 0 (uniform) or positive, got {hard_temperature}.")
+        if temperature_mode not in TEMPERATURE_MODES:
+            raise ConfigError(f"temperature_mode must be one of {', '.join(TEMPERATURE_MODES)}, "
+                              f"got {temperature_mode!r}.")
         if self.n < batch_size:
             raise ConfigError(f"batch_size {batch_size} is larger than the dataset ({self.n} pairs).")
         self.batch_size = batch_size
@@ -93,7 +116,8 @@ class HardPairBatchSampler(Sampler[List[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self.temperature = float(hard_temperature) if hard_per_target > 0 else 0.0
-        self.hard = self.scores = None
+        self.temperature_mode = temperature_mode
+        self.hard = self.logits = self.flat = self.spread_unit = None
         if hard_pairs is not None:
             self.set_hard_pairs(hard_pairs, hard_scores)
         if hard_fraction >= 1.0:  # the remainder places are random fill, as without mixing
@@ -110,16 +134,46 @@ class HardPairBatchSampler(Sampler[List[int]]):
         if hard_pairs.ndim != 2 or len(hard_pairs) != self.n:
             raise InputError(f"hard_pairs must be [{self.n}, k], got shape {hard_pairs.shape}.")
         self.hard = hard_pairs[:, :self.top_k]
-        self.scores = None
+        self.logits = None
         if self.temperature > 0:
             if hard_scores is None or np.shape(hard_scores) != hard_pairs.shape:
                 raise ConfigError("a hard-pair temperature needs the mining scores (hard_scores.npy) beside the "
-                                  "indices; re-mine with helip, or use temperature 0 (uniform choice).")
+                                  "indices; re-mine with helip, or use temperature 0 (--hard-temperature 0: "
+                                  "uniform choice).")
             scores = np.asarray(hard_scores[:, :self.top_k], dtype=np.float32)
             if np.isnan(scores[self.hard >= 0]).any():
                 raise ConfigError("a hard-pair temperature needs mining scores, but these hard pairs have none "
-                                  "(e.g. read from the authors' CSV); use temperature 0 (uniform choice).")
-            self.scores = scores
+                                  "(e.g. read from the authors' CSV); use temperature 0 (--hard-temperature 0: uniform "
+                                  "choice).")
+            self.logits = self._logits(scores)
+
+    def _logits(self, scores: np.ndarray) -> np.ndarray:
+        """Per-row log-probabilities (up to a constant) of each top-k place.
+
+        Computed once per list (not per draw), so the draw stays one Gumbel
+        sort. Absolute: score / T, in float32 as before, so runs measured with
+        it are reproduced exactly. Relative modes: (s_j - s_1) / (T * unit), in
+        float64, the unit being the median of the rows' spreads s_1 - s_k
+        (``self.spread_unit``) or the row's own; subtracting the row's s_1
+        changes no draw. ``self.flat`` marks the rows with no spread, drawn
+        uniformly.
+        """
+        self.flat = self.spread_unit = None
+        if self.temperature_mode == "absolute":
+            return scores / self.temperature
+        valid = self.hard >= 0
+        s = scores.astype(np.float64)
+        top = np.where(valid, s, -np.inf).max(axis=1, keepdims=True)
+        spread = top - np.where(valid, s, np.inf).min(axis=1, keepdims=True)
+        # zero spread, a single valid place, or none: no score information, so the row is drawn uniformly
+        self.flat = ~(spread[:, 0] > 0)
+        if self.temperature_mode == "relative":
+            self.spread_unit = float(np.median(spread[~self.flat, 0])) if (~self.flat).any() else 0.0
+            unit = np.full_like(spread, self.spread_unit if self.spread_unit > 0 else 1.0)
+        else:
+            unit = np.where(self.flat[:, None], 1.0, spread)
+        with np.errstate(invalid="ignore", divide="ignore"):  # padded places may hold -inf or NaN: never drawn
+            return (s - top) / (self.temperature * unit)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -182,13 +236,14 @@ class HardPairBatchSampler(Sampler[List[int]]):
     def _draw_order(self, t: int, rng: np.random.Generator) -> np.ndarray:
         """Target t's list in the order partners are taken: a random permutation, uniform or by temperature.
 
-        With a temperature, sorting score/T plus Gumbel noise draws the list
-        without replacement with P(j first) proportional to exp(score_j / T)
-        (the Gumbel-max trick; no exp, so any small T is safe).
+        With a temperature, sorting the logits plus Gumbel noise draws the list
+        without replacement with P(j first) proportional to exp(logit_j) (the
+        Gumbel-max trick; no exp, so any small T is safe). A row with zero
+        score spread (relative modes) is drawn as without a temperature.
         """
         row = self.hard[t]
         ok = row >= 0
-        if self.scores is None:
+        if self.logits is None or (self.flat is not None and self.flat[t]):
             return rng.permutation(row[ok])
-        keys = self.scores[t][ok] / self.temperature + rng.gumbel(size=int(ok.sum()))
+        keys = self.logits[t][ok] + rng.gumbel(size=int(ok.sum()))
         return row[ok][np.argsort(-keys, kind="stable")]

@@ -56,7 +56,7 @@ from .losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
 from .mining.store import HardPairs
 from .models import DEMO_MODEL, load_model, save_checkpoint
 from .remine import REMINED_DIR, Remining
-from .sampler import HardPairBatchSampler
+from .sampler import TEMPERATURE_MODES, HardPairBatchSampler
 from .slip import HEAD_FILE, SlipConfig, build_slip_training, save_head
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,9 @@ _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 _TRAJECTORY = ("model", "steps", "batch_size", "accum_steps", "lr", "weight_decay", "warmup_steps", "seed",
                "hard_per_target", "hard_fraction", "top_k", "hnml_weight", "hnml_margin", "freeze",
                "local_loss", "gather_with_grad", "grad_clip_norm", "objective", "slip", "remine_every",
-               "hard_temperature")
+               "hard_temperature", "hard_temperature_mode")
+# what an option added later meant for checkpoints written before it existed (default: its current default)
+_LEGACY = {"hard_temperature_mode": "absolute"}  # before it existed, the temperature was in score units
 
 
 OBJECTIVES = ("clip", "slip")
@@ -94,7 +96,13 @@ class TrainConfig:
     hard_per_target: int = 1
     hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
     top_k: int = 50
-    hard_temperature: float = 0.0    # partners drawn with P ~ exp(score / T) over the top_k; 0: uniform
+    # partners drawn by mining score over the top_k (helip.sampler), T's unit by the mode: "relative" the median
+    # over targets of a target's top-k score spread s_1 - s_k (scale-free), "per_target" each target's own spread,
+    # "absolute" score units; T = 0: uniform (the paper's draw). Relative 0.05 is the absolute 0.01 measured on the
+    # built-in world (median spread 0.200: the same partner in 99.95% of draws), chosen on validation
+    # (benchmarks/results/bench_quality_steps700_rel.md)
+    hard_temperature: float = 0.05
+    hard_temperature_mode: str = "relative"
     remine_every: int = 0            # re-mine the hard pairs with the current model every N epochs (0: never)
     hnml_weight: float = 1.0
     hnml_margin: float = 0.2
@@ -132,6 +140,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}.")
         if self.hard_temperature < 0:
             raise ConfigError(f"hard_temperature must be 0 (uniform choice) or positive, got {self.hard_temperature}.")
+        if self.hard_temperature_mode not in TEMPERATURE_MODES:
+            raise ConfigError(f"hard_temperature_mode must be one of {', '.join(TEMPERATURE_MODES)}, "
+                              f"got {self.hard_temperature_mode!r}.")
         if self.hnml_weight < 0 or self.hnml_margin < 0:
             raise ConfigError("hnml_weight and hnml_margin must be non-negative.")
         if self.precision not in PRECISIONS:
@@ -517,8 +528,11 @@ def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
 
 
 def _check_compatible(saved: dict, cfg: TrainConfig, extra: dict, path: Path) -> None:
-    now, default = asdict(cfg), asdict(TrainConfig())  # options newer than the checkpoint: their defaults
+    # options newer than the checkpoint: what they meant before they existed (_LEGACY), else their defaults
+    now, default = asdict(cfg), {**asdict(TrainConfig()), **_LEGACY}
     old = {k: saved["config"].get(k, default[k]) for k in _TRAJECTORY}
+    if old["hard_temperature"] == now["hard_temperature"] == 0:  # a uniform draw has no temperature units
+        old["hard_temperature_mode"] = now["hard_temperature_mode"]
     diff = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in _TRAJECTORY if old[k] != now[k]]
     diff += [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in extra.items() if saved.get(k) != v]
     if diff:
@@ -589,7 +603,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
         hard.indices if use_hard else None, cfg.batch_size, cfg.hard_per_target if use_hard else 0,
         cfg.top_k, num_replicas=info.world_size, rank=info.rank, seed=cfg.seed, num_samples=n, drop_last=True,
         hard_fraction=cfg.hard_fraction, hard_scores=hard.scores if use_hard else None,
-        hard_temperature=cfg.hard_temperature)
+        hard_temperature=cfg.hard_temperature, temperature_mode=cfg.hard_temperature_mode)
     steps_per_epoch = len(sampler) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch of {len(sampler)} batches per rank cannot fill one step of "

@@ -19,7 +19,7 @@ from open_clip import build_zero_shot_classifier
 
 from ..data.pairs import PairTensors
 from ..data.world import ZeroShotTask
-from ..embed import encode_pairs
+from ..embed import encode_images, encode_pairs
 from ..models import LoadedModel
 from .linear_probe import ProbeConfig, fit_linear_probe
 
@@ -81,7 +81,7 @@ def evaluate_model(lm: LoadedModel, splits: Dict[str, PairTensors], tasks: Dict[
     on test.
     """
     feats = {name: encode_pairs(lm, p, cfg.batch_size, cfg.device) for name, p in splits.items()}
-    train_x = encode_pairs(lm, probe_train, cfg.batch_size, cfg.device)[0]
+    train_x = encode_images(lm, probe_train.images, cfg.batch_size, cfg.device)  # its captions: unused
     lp = linear_probe(train_x, probe_labels["train"], feats["val"][0], probe_labels["val"],
                       feats["test"][0], probe_labels["test"], cfg.probe_cs, cfg.probe_max_iter)
     out = {}
