@@ -106,6 +106,45 @@ VARIANTS = {
 HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
                 "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05",
                 "pertarget0.05")
+# what one run needs, set in this process (--jobs 1) or once per worker process (--jobs J > 1)
+_RUN = {}
+
+
+def _init_runs(context: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _RUN.update(context)
+
+
+def evaluate_checkpoint(path) -> dict:
+    c, w = _RUN["cfg"], _RUN["world"]
+    m = load_model(c.pretrain.model, str(path), device=_RUN["device"])
+    return evaluate_model(m, {"val": w.tensors["val"], "test": w.tensors["test"]}, w.tasks, w.probe_labels,
+                          w.probe_train, EvalConfig(device=_RUN["device"]))
+
+
+def run_variant(name: str, seed: int) -> dict:
+    """Continued training of one variant and seed from the pretrained checkpoint, evaluated: one result row."""
+    overrides, source = VARIANTS[name]
+    tc = replace(_RUN["cfg"].continued, pretrained=str(_RUN["ckpt"]), seed=seed, **overrides)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        res = train(tc, _RUN["world"].tensors["train"], Path(d), _RUN["hard"].get(source))
+        t_train = time.perf_counter() - t0
+        r = evaluate_checkpoint(res.checkpoint)
+        remining = json.loads((Path(d) / "train_config.json").read_text())["remining"]
+    import torch
+
+    row = {"variant": name, "seed": seed, "overrides": overrides, "pairs": source,
+           "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(t_train, 1),
+           "eval_seconds": round(time.perf_counter() - t0 - t_train, 1), "load": os.getloadavg(),
+           "torch_threads": torch.get_num_threads(), **r}
+    if remining is not None:  # when the hard pairs were re-mined, and how long it took
+        row["remining"] = [{k: e[k] for k in ("epoch", "step", "seconds")} for e in remining]
+    return row
+
+
 METRICS = {"zeroshot_mean": lambda r: r["zeroshot_mean"], "linear_probe": lambda r: r["linear_probe"],
            "i2t_r1": lambda r: r["retrieval"]["i2t_r1"], "t2i_r1": lambda r: r["retrieval"]["t2i_r1"]}
 
@@ -197,8 +236,13 @@ def main(argv=None) -> int:
     ap.add_argument("--resume-from", action="append", default=[],
                     help="a JSON this script wrote (repeatable): its runs that equal a requested-or-listed "
                          "variant's current definition are kept and not repeated")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once, each in its own process with cpu_count/jobs torch threads "
+                         "(on a 2-core CPU, 2 jobs of 1 thread finish the runs sooner than 1 job of 2 threads)")
     ap.add_argument("--out", default="benchmarks/results/bench_quality.json")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
     logging.basicConfig(level=logging.WARNING)
     names = [v for v in args.variants.split(",") if v]
     unknown = set(names) - set(VARIANTS)
@@ -237,20 +281,16 @@ def main(argv=None) -> int:
                                                device=args.device, precision="fp32")
             elif source == "random":
                 hard[source] = random_pairs(len(train_pairs), cfg.mine.k, seed=0)
-    ecfg = EvalConfig(device=args.device)
-
-    def evaluate(path):
-        m = load_model(cfg.pretrain.model, str(path), device=args.device)
-        return evaluate_model(m, {"val": w.tensors["val"], "test": w.tensors["test"]}, w.tasks, w.probe_labels,
-                              w.probe_train, ecfg)
+    context = {"cfg": cfg, "world": w, "ckpt": ckpt, "hard": hard, "device": args.device}
+    _RUN.update(context)
 
     report = {"benchmark": "HELIP vs plain continued training on the built-in world, with ablations",
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
               "seeds": seeds, "continued_training": asdict(cfg.continued),
               "pretrain_steps": cfg.pretrain.steps, "mining_k": cfg.mine.k,
-              "timings_seconds": timings, "runs": []}
+              "timings_seconds": timings, "jobs": args.jobs, "runs": []}
     with stage("eval_pretrained"):
-        report["pretrained"] = evaluate(ckpt)
+        report["pretrained"] = evaluate_checkpoint(ckpt)
     for path in args.resume_from:
         prev = json.loads(Path(path).read_text())
         for key in ("pretrain_steps", "mining_k", "device"):
@@ -278,31 +318,34 @@ def main(argv=None) -> int:
     pre = report["pretrained"]
     print(f"setup seconds {timings}", flush=True)
     print(f"pretrained: val zs {pre['val']['zeroshot_mean']:.4f} test zs {pre['test']['zeroshot_mean']:.4f}", flush=True)
-    for seed in seeds:
-        for name in names:
-            if any(r["variant"] == name and r["seed"] == seed for r in report["runs"]):
-                continue
-            overrides, source = VARIANTS[name]
-            tc = replace(cfg.continued, pretrained=str(ckpt), seed=seed, **overrides)
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory() as d:
-                res = train(tc, train_pairs, Path(d), hard.get(source))
-                t_train = time.perf_counter() - t0
-                r = evaluate(res.checkpoint)
-                remining = json.loads((Path(d) / "train_config.json").read_text())["remining"]
-            row = {"variant": name, "seed": seed, "overrides": overrides, "pairs": source,
-                   "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(t_train, 1),
-                   "eval_seconds": round(time.perf_counter() - t0 - t_train, 1), "load": os.getloadavg(), **r}
-            if remining is not None:  # when the hard pairs were re-mined, and how long it took
-                row["remining"] = [{k: e[k] for k in ("epoch", "step", "seconds")} for e in remining]
-            report["runs"].append(row)
-            print(f"seed {seed} {name:>13}: val zs {r['val']['zeroshot_mean']:.4f} test zs "
-                  f"{r['test']['zeroshot_mean']:.4f} LP {r['test']['linear_probe']:.4f} "
-                  f"i2t {r['test']['retrieval']['i2t_r1']:.4f} ({row['seconds']} s: train {row['train_seconds']}, "
-                  f"eval {row['eval_seconds']}; load {row['load'][0]:.2f})", flush=True)
-            report["summary"] = summarise(report["runs"])
-            report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-            save_json(args.out, report)
+    todo = [(name, seed) for seed in seeds for name in names
+            if not any(r["variant"] == name and r["seed"] == seed for r in report["runs"])]
+
+    def record(row):
+        report["runs"].append(row)
+        r = row
+        print(f"seed {r['seed']} {r['variant']:>13}: val zs {r['val']['zeroshot_mean']:.4f} test zs "
+              f"{r['test']['zeroshot_mean']:.4f} LP {r['test']['linear_probe']:.4f} "
+              f"i2t {r['test']['retrieval']['i2t_r1']:.4f} ({row['seconds']} s: train {row['train_seconds']}, "
+              f"eval {row['eval_seconds']}; load {row['load'][0]:.2f})", flush=True)
+        report["summary"] = summarise(report["runs"])
+        report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        save_json(args.out, report)
+
+    if args.jobs == 1 or len(todo) < 2:
+        for name, seed in todo:
+            record(run_variant(name, seed))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_runs, initargs=(context, threads)) as pool:
+            for fut in as_completed([pool.submit(run_variant, name, seed) for name, seed in todo]):
+                record(fut.result())
+        order = {(n, s): i for i, (n, s) in enumerate(todo)}   # the table and JSON in the usual order
+        report["runs"].sort(key=lambda r: order.get((r["variant"], r["seed"]), -1))
     report["summary"] = summary = summarise(report["runs"])
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     family = [v for v in HELIP_FAMILY if v in summary]
