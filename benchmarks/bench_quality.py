@@ -112,8 +112,10 @@ _RUN = {}
 
 def _init_runs(context: dict, threads: int) -> None:
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
+    threadpool_limits(threads)   # numpy's BLAS too (the linear probe, mining): for the rest of the process
     _RUN.update(context)
 
 
