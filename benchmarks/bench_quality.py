@@ -71,6 +71,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
@@ -111,7 +112,6 @@ _RUN = {}
 
 
 def _init_runs(context: dict, threads: int) -> None:
-    import torch
     from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
@@ -136,8 +136,6 @@ def run_variant(name: str, seed: int) -> dict:
         t_train = time.perf_counter() - t0
         r = evaluate_checkpoint(res.checkpoint)
         remining = json.loads((Path(d) / "train_config.json").read_text())["remining"]
-    import torch
-
     row = {"variant": name, "seed": seed, "overrides": overrides, "pairs": source,
            "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(t_train, 1),
            "eval_seconds": round(time.perf_counter() - t0 - t_train, 1), "load": os.getloadavg(),
@@ -323,13 +321,12 @@ def main(argv=None) -> int:
     todo = [(name, seed) for seed in seeds for name in names
             if not any(r["variant"] == name and r["seed"] == seed for r in report["runs"])]
 
-    def record(row):
-        report["runs"].append(row)
-        r = row
+    def record(r):
+        report["runs"].append(r)
         print(f"seed {r['seed']} {r['variant']:>13}: val zs {r['val']['zeroshot_mean']:.4f} test zs "
               f"{r['test']['zeroshot_mean']:.4f} LP {r['test']['linear_probe']:.4f} "
-              f"i2t {r['test']['retrieval']['i2t_r1']:.4f} ({row['seconds']} s: train {row['train_seconds']}, "
-              f"eval {row['eval_seconds']}; load {row['load'][0]:.2f})", flush=True)
+              f"i2t {r['test']['retrieval']['i2t_r1']:.4f} ({r['seconds']} s: train {r['train_seconds']}, "
+              f"eval {r['eval_seconds']}; load {r['load'][0]:.2f})", flush=True)
         report["summary"] = summarise(report["runs"])
         report["total_seconds"] = round(time.perf_counter() - t_start, 1)
         save_json(args.out, report)

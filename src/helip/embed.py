@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -204,6 +204,19 @@ def _collate(items):
     return items
 
 
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode (no dropout), each module's train/eval mode given back afterwards, so that
+    encoding can happen in the middle of training."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def encode_batches(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], device: str = "cpu",
                    autocast: Callable[[], Any] = nullcontext, total: Optional[int] = None,
@@ -216,17 +229,12 @@ def encode_batches(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor,
     in eval mode (no dropout) and gets its train/eval modes back afterwards,
     so it can be called in the middle of training.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     imgs, txts = [], []
-    try:
+    with _eval_mode(model):
         for images, tokens in tqdm(batches, desc="embedding", total=total, disable=not progress):
             with autocast():
                 imgs.append(model.encode_image(images.to(device), normalize=True).float().cpu())
                 txts.append(model.encode_text(tokens.to(device), normalize=True).float().cpu())
-    finally:
-        for m, training in modes:
-            m.training = training
     return torch.cat(imgs).numpy(), torch.cat(txts).numpy()
 
 
@@ -242,16 +250,9 @@ def encode_pairs(lm: LoadedModel, pairs: PairTensors, batch_size: int = 512, dev
 def encode_images(lm: LoadedModel, images: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> np.ndarray:
     """L2-normalised image embeddings only, float32 numpy [N, d]: the same batches and values as
     ``encode_pairs(...)[0]`` without encoding the captions (a linear probe needs images only)."""
-    model = lm.model.to(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = [model.encode_image(images[s:s + batch_size].to(device), normalize=True).float().cpu()
-                   for s in range(0, len(images), batch_size)]
-    finally:
-        for m, training in modes:
-            m.training = training
+    with torch.no_grad(), _eval_mode(lm.model.to(device)) as model:
+        out = [model.encode_image(images[s:s + batch_size].to(device), normalize=True).float().cpu()
+               for s in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
 

@@ -267,9 +267,10 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
         if symmetric:
             _search_symmetric(run, rows_of, chunk_path, partial, indices, scores, done_here, bar)
         for c in mine_chunks:
-            if c in done_here or (chunk_path[c] is not None and chunk_path[c].is_file()):
-                if c not in done_here:
-                    bar.update(len(rows_of[c]))
+            if c in done_here:   # searched by the symmetric search above
+                continue
+            if chunk_path[c] is not None and chunk_path[c].is_file():   # finished by an earlier, killed run
+                bar.update(len(rows_of[c]))
                 continue
             idx, sc = run.search(rows_of[c], on_block=bar.update)
             indices[rows_of[c]], scores[rows_of[c]] = idx, sc
