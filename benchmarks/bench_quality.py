@@ -73,14 +73,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
+from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.evaluate import EvalConfig, evaluate_model
 from helip.io import save_json, save_text
 from helip.mining import HardPairs, mine_hard_pairs
 from helip.models import load_model
-from helip.train import _LEGACY as TRAIN_LEGACY
-from helip.train import train
+from helip.training.loop import _LEGACY as TRAIN_LEGACY
+from helip.training.loop import train
 
 # name -> (TrainConfig overrides, hard-pair source); source None means random batches
 VARIANTS = {

@@ -12,7 +12,7 @@ device; no DataLoader, no decoding, so data loading is excluded):
                      stand-in for its DataInfo whose "dataloader" yields the batches; OpenCLIP's
                      ClipLoss, cosine_lr schedule, get_autocast; model built with output_dict=True
                      as open_clip_train builds it.
-    helip_plain      helip.train.Trainer.step (what `helip train` runs per step) on batches from
+    helip_plain      helip.training.Trainer.step (what `helip train` runs per step) on batches from
                      HardPairBatchSampler without hard pairs: helip's baseline.
     helip_hard       the same step on HardPairBatchSampler batches with one hard partner per
                      target (lists of --k random indices) and HNML: HELIP.
@@ -60,7 +60,7 @@ from helip.io import save_json
 from helip.losses import HardNegativeMarginLoss, PartnerMasker
 from helip.models import register_configs
 from helip.sampler import HardPairBatchSampler
-from helip.train import TrainConfig, Trainer
+from helip.training.loop import TrainConfig, Trainer
 
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 VARIANTS = ("open_clip_train", "helip_plain", "helip_hard")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helip.demo import VARIANTS, run_demo
+from helip.app.demo import VARIANTS, run_demo
 from helip.io import save_json, save_text
 
 METRICS = [("zeroshot_mean", lambda r: r["zeroshot_mean"]), ("linear_probe", lambda r: r["linear_probe"])] + \

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
+from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.io import save_json
 from helip.mining import mine_hard_pairs

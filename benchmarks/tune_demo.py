@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
+from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.evaluate import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json, save_text
 from helip.mining import mine_hard_pairs
 from helip.models import load_model
-from helip.train import train
+from helip.training.loop import train
 
 
 def val_metrics(model_name, ckpt, val_pairs, tasks):

@@ -111,12 +111,12 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 def trained_checkpoint(out: Path, steps: int = 6, seed: int = 0) -> Path:
-    """helip-tiny-vit briefly trained (helip.train, plain CLIP loss) on generated colour squares and captions,
+    """helip-tiny-vit briefly trained (helip.training, plain CLIP loss) on generated colour squares and captions,
     so zero-shot predictions and retrieval ranks differ from image to image (a random init is one constant
     class)."""
     from helip.data.pairs import prepare_pairs
     from helip.models import load_model
-    from helip.train import TrainConfig, train
+    from helip.training.loop import TrainConfig, train
 
     rng = np.random.default_rng(seed)
     shapes = ["square", "block", "patch", "tile", "box"]

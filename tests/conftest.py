@@ -10,7 +10,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
     """One quick demo run shared by the end-to-end tests (it is the slowest fixture)."""
-    from helip.cli import main
+    from helip.app.cli import main
 
     out = tmp_path_factory.mktemp("demo")
     cache = tmp_path_factory.mktemp("cache")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.io import fingerprint
 
 

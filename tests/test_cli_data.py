@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.data.sources import open_pairs
 from helip.errors import StaleError
 

@@ -5,7 +5,7 @@ import numpy as np
 import open_clip
 import torch
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.data import world
 from helip.data.pairs import prepare_pairs
 from helip.embed import encode_pairs
@@ -70,7 +70,7 @@ def test_pretraining_cache_key_ignores_partner_options_random_batches_cannot_use
     (a key change re-pretrains the demo's starting model: minutes on a CPU), while real options still do."""
     from dataclasses import replace
 
-    from helip.demo import DemoConfig, _pretrain_key
+    from helip.app.demo import DemoConfig, _pretrain_key
 
     cfg = DemoConfig()
     key = _pretrain_key(cfg)

@@ -6,7 +6,7 @@ import torch
 import pytest
 
 import helip.embed as embed_mod
-from helip.cli import main
+from helip.app.cli import main
 from helip.data.sources import open_pairs
 from helip.embed import EmbedConfig, build_encoders, embed_source, load_embeddings, load_skipped
 from helip.models import load_model

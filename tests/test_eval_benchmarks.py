@@ -7,7 +7,7 @@ import pytest
 
 from _evaldata import COLOURS, TEMPLATES, classification_items, png_bytes, retrieval_items, tiny_checkpoint, \
     write_folder, write_retrieval_files, write_wds
-from helip.cli import main
+from helip.app.cli import main
 from helip.evaluate import DatasetSpec, ModelSpec, SuiteConfig, run_suite
 from helip.evaluate.features import FeatureConfig
 from helip.evaluate.linear_probe import ProbeConfig, sweep_c

@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 from slip_gather_worker import gather_worker
 
 from helip.augment import SlipAugment
-from helip.cli import main
+from helip.app.cli import main
 from helip.losses import HardNegativeMarginLoss, HelipLoss, SimCLRLoss, SlipLoss
 from helip.slip import HEAD_FILE, SlipConfig, build_slip_training, load_head
 

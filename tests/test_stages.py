@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.mining import load_hard_pairs
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.errors import ConfigError
 from helip.mining.store import HardPairs
 from helip.models import CONFIG_DIR
 from helip.sampler import HardPairBatchSampler
-from helip.train import Trainer, TensorPairs, TrainConfig, _check_compatible, list_checkpoints, train
+from helip.training.loop import Trainer, TensorPairs, TrainConfig, _check_compatible, list_checkpoints, train
 
 N = 48  # 6 batches of 16 (8 targets + 8 partners) per epoch: the 7-step runs below cross an epoch
 

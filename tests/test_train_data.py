@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.data.sources import PairDataset, open_pairs
 from helip.data.training import restrict_hard_pairs
 from helip.mining import load_hard_pairs

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helip.cli import main
+from helip.app.cli import main
 from helip.embed import encode_pairs
 from helip.errors import ConfigError
 from helip.mining import HardPairs, load_hard_pairs, mine_hard_pairs
 from helip.models import load_model
-from helip.remine import Remining, remined_dir
-from helip.train import TrainConfig, train
+from helip.training.remine import Remining, remined_dir
+from helip.training.loop import TrainConfig, train
 # fixtures and helpers of the training tests (one_thread is autouse there and here)
 from test_train import (Killed, _free_port, base_cfg, hard_pairs, kill_after, max_diff, one_thread,  # noqa: F401
                         pairs, tiny, tiny_dropout, weights)
@@ -134,7 +134,7 @@ def test_two_process_gloo_run_remines_the_same_lists_on_every_rank(tmp_path, tin
                                      {"mode": "subset", "candidates": 50, "redraw_every": 30, "seed": 3, "k": 4},
                                      {"mode": "ann", "nlist": 6, "nprobe": 2, "k": 4, "min_similarity": -1.0}])
 def test_the_options_read_back_from_meta_mine_the_same_lists(options):
-    from helip.remine import mine_config_from_meta
+    from helip.training.remine import mine_config_from_meta
 
     rng = np.random.default_rng(0)
     img, txt = rng.standard_normal((120, 8)), rng.standard_normal((120, 8))

@@ -225,7 +225,7 @@ def encode_batches(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor,
 
     The one loop that encodes prepared pairs with an OpenCLIP model's own
     towers: in-memory pairs (``encode_pairs``, ``embed``) and the training
-    set during re-mining (``helip.remine``) all go through it. The model runs
+    set during re-mining (``helip.training.remine``) all go through it. The model runs
     in eval mode (no dropout) and gets its train/eval modes back afterwards,
     so it can be called in the middle of training.
     """

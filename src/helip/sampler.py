@@ -47,7 +47,7 @@ to target + partner groups, the rest to targets without partners, so a batch
 keeps the diverse, easy negatives that random batches give (coarse attributes)
 beside the hard ones.
 
-``set_hard_pairs`` swaps in new lists (re-mining, ``helip.remine``); the order
+``set_hard_pairs`` swaps in new lists (re-mining, ``helip.training.remine``); the order
 of targets does not depend on them, only the partners drawn.
 """
 from __future__ import annotations

@@ -23,15 +23,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .data import world
-from .data.pairs import PairTensors, prepare_pairs
-from .embed import EmbedConfig, embed, load_embeddings
-from .evaluate import EvalConfig, evaluate_model
-from .io import save_json
-from .mining import MineConfig, mine_hard_pairs
-from .models import CONFIG_DIR, load_model
-from .slip import HEAD_FILE, SlipConfig
-from .train import TrainConfig, train
+from ..data import world
+from ..data.pairs import PairTensors, prepare_pairs
+from ..embed import EmbedConfig, embed, load_embeddings
+from ..evaluate import EvalConfig, evaluate_model
+from ..io import save_json
+from ..mining import MineConfig, mine_hard_pairs
+from ..models import CONFIG_DIR, load_model
+from ..slip import HEAD_FILE, SlipConfig
+from ..training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The `helip eval` command: flags -> models and datasets -> one results.json.
 
 With ``--zeroshot``/``--linear-probe``/``--retrieval`` it evaluates benchmark
-datasets on disk (:mod:`.suite`); without them, the built-in world (what the
+datasets on disk (:mod:`helip.evaluate.suite`); without them, the built-in world (what the
 demo reports), as before.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import List, Optional
 
 from ..errors import ConfigError, InputError
 from ..io import save_json
-from .features import FeatureConfig
-from .linear_probe import ProbeConfig
-from .suite import DatasetSpec, ModelSpec, SuiteConfig, default_variant_name, parse_named, run_suite
+from ..evaluate.features import FeatureConfig
+from ..evaluate.linear_probe import ProbeConfig
+from ..evaluate.suite import DatasetSpec, ModelSpec, SuiteConfig, default_variant_name, parse_named, run_suite
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,7 +124,7 @@ def eval_world(models: List[ModelSpec], args, device: str) -> dict:
     from ..data import world
     from ..data.pairs import prepare_pairs
     from ..models import load_model
-    from .world import EvalConfig, evaluate_model
+    from ..evaluate.world import EvalConfig, evaluate_model
 
     splits = {s: world.generate(n, args.world_seed, s)
               for s, n in (("train", args.n_probe_train), ("val", args.n_val), ("test", args.n_test))}
@@ -152,7 +152,7 @@ def eval_from_args(args) -> Path:
     if not specs:
         save_json(out, eval_world(models, args, device))
         return out
-    from ..demo import default_cache_dir
+    from .demo import default_cache_dir
 
     cache: Optional[Path] = None if args.no_cache else Path(args.cache_dir or default_cache_dir() / "eval")
     cfg = SuiteConfig(

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .embed import encode_batches
-from .errors import ConfigError, InputError
-from .mining import HardPairs, MineConfig, load_hard_pairs, mine_hard_pairs
-from .resumable import barrier, rank_and_world
+from ..embed import encode_batches
+from ..errors import ConfigError, InputError
+from ..mining import HardPairs, MineConfig, load_hard_pairs, mine_hard_pairs
+from ..resumable import barrier, rank_and_world
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def embed_dataset(model: torch.nn.Module, dataset, batch_size: int, device: str,
     Each rank encodes its shard (``np.array_split`` order) and the shards are
     all-gathered, so all ranks hold the same arrays.
     """
-    from .train import IndexedBatches, _collate_batch  # train imports this module
+    from .loop import IndexedBatches, _collate_batch  # train imports this module
 
     rank, world = rank_and_world()
     n = len(dataset)

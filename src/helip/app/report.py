@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .io import save_text, save_with  # noqa: E402
+from ..io import save_text, save_with  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def merge_results(items: List[tuple]) -> Dict:
     """Merge several results.json of one kind (``[(label, results)]``); clashing variant names get the label."""
     kinds = {is_benchmark(r) for _, r in items}
     if len(kinds) > 1:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("--results mixes built-in-world and benchmark results; report them separately.")
     merged: Dict = {}
@@ -275,12 +275,12 @@ def write_benchmark_report(out: Path, results: Dict, baseline: Optional[str] = N
     out = Path(out)
     variants = _benchmark_variants(results)
     if not variants:
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError("the results hold no evaluated variant.")
     baseline = baseline or variants[0]
     if baseline not in variants:
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError(f"--baseline {baseline!r} is not one of the variants: {', '.join(variants)}.")
     parts = ["<h1>helip evaluation report</h1>",

@@ -24,7 +24,7 @@ The same loop runs on a CPU, one GPU, or many under ``torchrun``:
   in the epoch a function of the step, and dropout is reseeded from (seed,
   step, micro-batch, rank) before every forward pass, so a run resumed from a
   checkpoint retraces the uninterrupted run's steps;
-- re-mining (``remine_every``, ``helip.remine``): at the start of every E-th
+- re-mining (``remine_every``, ``helip.training.remine``): at the start of every E-th
   epoch the hard pairs are mined again with the current model; checkpoints
   name the lists in use, so a resumed run continues with the same ones.
 """
@@ -50,14 +50,14 @@ from open_clip_train.scheduler import cosine_lr
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, InputError
-from .io import save_json, save_text, save_torch
-from .losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
-from .mining.store import HardPairs
-from .models import DEMO_MODEL, load_model, save_checkpoint
+from ..errors import ConfigError, InputError
+from ..io import save_json, save_text, save_torch
+from ..losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
+from ..mining.store import HardPairs
+from ..models import DEMO_MODEL, load_model, save_checkpoint
 from .remine import REMINED_DIR, Remining
-from .sampler import TEMPERATURE_MODES, HardPairBatchSampler
-from .slip import HEAD_FILE, SlipConfig, build_slip_training, save_head
+from ..sampler import TEMPERATURE_MODES, HardPairBatchSampler
+from ..slip import HEAD_FILE, SlipConfig, build_slip_training, save_head
 
 log = logging.getLogger(__name__)
 

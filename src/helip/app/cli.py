@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import ConfigError, HelipError
+from ..errors import ConfigError, HelipError
 
 log = logging.getLogger("helip")
 
@@ -24,7 +24,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _world_split(args):
     """The built-in world's training split (the only dataset until CSV/shards land)."""
-    from .data import world
+    from ..data import world
 
     if args.data != "world":
         raise ConfigError(f"--data {args.data!r}: only the built-in world ('world') is supported so far.")
@@ -32,8 +32,8 @@ def _world_split(args):
 
 
 def _model_and_pairs(args, split):
-    from .data.pairs import prepare_pairs
-    from .models import load_model
+    from ..data.pairs import prepare_pairs
+    from ..models import load_model
 
     lm = load_model(args.model, args.pretrained, device=args.device)
     return lm, prepare_pairs(split.images, split.captions, lm)
@@ -52,7 +52,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .train import TrainConfig, train
+    from ..training import TrainConfig, train
 
     args.pretrained = None
     _, pairs = _model_and_pairs(args, _world_split(args))
@@ -65,9 +65,9 @@ def cmd_pretrain(args) -> None:
 def cmd_embed(args) -> None:
     import os
 
-    from .data.sources import data_config_from_args, open_pairs
-    from .embed import EmbedConfig, build_encoders, embed_source
-    from .models import load_model
+    from ..data.sources import data_config_from_args, open_pairs
+    from ..embed import EmbedConfig, build_encoders, embed_source
+    from ..models import load_model
 
     cfg = EmbedConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
                       workers=args.workers, max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress)
@@ -89,8 +89,8 @@ def cmd_embed(args) -> None:
 
 
 def cmd_mine(args) -> None:
-    from .embed import load_embeddings, load_skipped
-    from .mining import MineConfig, mine_hard_pairs, write_csv
+    from ..embed import load_embeddings, load_skipped
+    from ..mining import MineConfig, mine_hard_pairs, write_csv
 
     img, txt, meta = load_embeddings(Path(args.embeddings))
     skipped = load_skipped(Path(args.embeddings))  # unusable pairs: never targets, never hard pairs
@@ -123,10 +123,10 @@ def _init_distributed(device: str) -> int:
 
 
 def cmd_train(args) -> None:
-    from .io import fingerprint
-    from .mining import load_hard_pairs
-    from .slip import SlipConfig
-    from .train import TrainConfig, check_fresh_out_dir, train
+    from ..io import fingerprint
+    from ..mining import load_hard_pairs
+    from ..slip import SlipConfig
+    from ..training import TrainConfig, check_fresh_out_dir, train
 
     if args.resume is None:
         check_fresh_out_dir(Path(args.out))
@@ -137,9 +137,9 @@ def cmd_train(args) -> None:
         hard = load_hard_pairs(Path(args.hard_pairs), fingerprint(split.captions)) if args.hard_pairs else None
         _, pairs = _model_and_pairs(argparse.Namespace(**{**vars(args), "device": "cpu"}), split)
     else:  # CSV/TSV, JSONL, shards: read lazily, unusable pairs never sampled (helip.data.training)
-        from .data.sources import data_config_from_args, open_pairs
-        from .data.training import build_training_data
-        from .models import load_model
+        from ..data.sources import data_config_from_args, open_pairs
+        from ..data.training import build_training_data
+        from ..models import load_model
 
         source = open_pairs(data_config_from_args(args), progress=False)
         hard = load_hard_pairs(Path(args.hard_pairs), source.fingerprint()) if args.hard_pairs else None
@@ -174,7 +174,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_convert_slip(args) -> None:
-    from .slip import convert_slip_checkpoint
+    from ..slip import convert_slip_checkpoint
 
     r = convert_slip_checkpoint(Path(args.input), Path(args.output), size=args.size, model=args.model,
                                 trust=args.trust_checkpoint)
@@ -183,14 +183,14 @@ def cmd_convert_slip(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate.command import eval_from_args
+    from .eval_command import eval_from_args
 
     out = eval_from_args(args)
     print(f"wrote {out}")
 
 
 def cmd_report(args) -> None:
-    from .io import load_json
+    from ..io import load_json
     from .report import is_benchmark, merge_results, write_benchmark_report, write_report
 
     items = [(Path(r).stem if Path(r).stem != "results" else Path(r).parent.name or f"r{i}",
@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_pretrain)
 
-    from .data.sources import add_data_arguments
-    from .embed import EmbedConfig
+    from ..data.sources import add_data_arguments
+    from ..embed import EmbedConfig
 
     e = EmbedConfig()
     p = sub.add_parser("embed", help="encode every pair with the model's two towers (or external encoders)")
@@ -259,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
 
-    from .mining import MODES, MineConfig
-    from .mining.score import METHODS
+    from ..mining import MODES, MineConfig
+    from ..mining.score import METHODS
 
     m = MineConfig()
     p = sub.add_parser("mine", help="mine hard pairs from an embeddings directory")
@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")
     p.set_defaults(func=cmd_mine)
 
-    from .sampler import TEMPERATURE_MODES
-    from .train import FREEZE, PRECISIONS, TrainConfig
+    from ..sampler import TEMPERATURE_MODES
+    from ..training import FREEZE, PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="continue training with hard-pair batches and HNML")
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpickle arbitrary objects in the checkpoint (only for files you trust)")
     p.set_defaults(func=cmd_convert_slip)
 
-    from .evaluate.command import add_eval_arguments
+    from .eval_command import add_eval_arguments
 
     p = sub.add_parser("eval", help="zero-shot, linear probe and retrieval: benchmark datasets or the built-in world")
     add_eval_arguments(p)

@@ -1,0 +1,1 @@
+"""The `helip` application: the command line, the demo and its report, built on the library."""
