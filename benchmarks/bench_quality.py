@@ -79,8 +79,8 @@ from helip.evaluate import EvalConfig, evaluate_model
 from helip.io import save_json, save_text
 from helip.mining import HardPairs, mine_hard_pairs
 from helip.models import load_model
-from helip.training.loop import _LEGACY as TRAIN_LEGACY
-from helip.training.loop import train
+from helip.training.checkpoint import LEGACY as TRAIN_LEGACY
+from helip.training import train
 
 # name -> (TrainConfig overrides, hard-pair source); source None means random batches
 VARIANTS = {

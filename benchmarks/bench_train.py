@@ -60,7 +60,7 @@ from helip.io import save_json
 from helip.losses import HardNegativeMarginLoss, PartnerMasker
 from helip.models import register_configs
 from helip.sampler import HardPairBatchSampler
-from helip.training.loop import TrainConfig, Trainer
+from helip.training import TrainConfig, Trainer
 
 OPEN_CLIP_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
 VARIANTS = ("open_clip_train", "helip_plain", "helip_hard")

@@ -31,7 +31,7 @@ from helip.evaluate import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json, save_text
 from helip.mining import mine_hard_pairs
 from helip.models import load_model
-from helip.training.loop import train
+from helip.training import train
 
 
 def val_metrics(model_name, ckpt, val_pairs, tasks):

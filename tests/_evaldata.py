@@ -116,7 +116,7 @@ def trained_checkpoint(out: Path, steps: int = 6, seed: int = 0) -> Path:
     class)."""
     from helip.data.pairs import prepare_pairs
     from helip.models import load_model
-    from helip.training.loop import TrainConfig, train
+    from helip.training import TrainConfig, train
 
     rng = np.random.default_rng(seed)
     shapes = ["square", "block", "patch", "tile", "box"]

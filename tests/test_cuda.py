@@ -73,7 +73,7 @@ def test_ann_probing_every_cell_on_cuda_is_exact():
 
 def test_training_steps_on_cuda(tmp_path):
     from test_train import base_cfg, hard_pairs, pairs, weights, _test_config  # noqa: PLC0415
-    from helip.training.loop import train
+    from helip.training import train
 
     class _Factory:  # _test_config takes pytest's tmp_path_factory; only mktemp is used
         @staticmethod

@@ -188,7 +188,7 @@ def test_clip_checkpoint_converts_without_head_and_trains_with_slip(reduced_conf
     assert "no SimCLR head" in capsys.readouterr().out
     assert not (tmp_path / "conv" / HEAD_FILE).exists()
     lm = load_model(name, str(tmp_path / "conv" / "model.pt"))
-    from helip.training.loop import HelipLoss
+    from helip.losses import HelipLoss
     model, _ = build_slip_training(lm.model, HelipLoss(), SlipConfig(mlp_dim=32, out_dim=8),
                                    str(tmp_path / "conv" / "model.pt"))
     assert (model.head.in_dim, model.head.mlp_dim, model.head.out_dim) == (384, 32, 8)
@@ -199,7 +199,7 @@ def test_converted_model_evaluates_and_trains_with_slip(reduced_configs, tmp_pat
     from helip.data import world
     from helip.data.pairs import prepare_pairs
     from helip.evaluate import EvalConfig, evaluate_model
-    from helip.training.loop import TrainConfig, train
+    from helip.training import TrainConfig, train
 
     name, _ = reduced_configs["S-full"]
     ref = _reference("S", seed=2, vocab=49408)

@@ -79,7 +79,7 @@ def slip_demo(tmp_path_factory, monkeypatch_module):
     """`helip demo --objective slip` on a demo smaller than --quick (shared: it is this file's slowest step)."""
     from dataclasses import replace
 
-    from helip import demo
+    from helip.app import demo
 
     def tiny(cls):
         c = cls(n_train=256, n_val=64, n_test=64, n_probe_train=128)

@@ -18,7 +18,9 @@ from helip.errors import ConfigError
 from helip.mining.store import HardPairs
 from helip.models import CONFIG_DIR
 from helip.sampler import HardPairBatchSampler
-from helip.training.loop import Trainer, TensorPairs, TrainConfig, _check_compatible, list_checkpoints, train
+from helip.data.indexed import TensorPairs
+from helip.training import Trainer, TrainConfig, list_checkpoints, train
+from helip.training.checkpoint import check_compatible as _check_compatible
 
 N = 48  # 6 batches of 16 (8 targets + 8 partners) per epoch: the 7-step runs below cross an epoch
 

@@ -16,7 +16,7 @@ from helip.errors import ConfigError
 from helip.mining import HardPairs, load_hard_pairs, mine_hard_pairs
 from helip.models import load_model
 from helip.training.remine import Remining, remined_dir
-from helip.training.loop import TrainConfig, train
+from helip.training import TrainConfig, train
 # fixtures and helpers of the training tests (one_thread is autouse there and here)
 from test_train import (Killed, _free_port, base_cfg, hard_pairs, kill_after, max_diff, one_thread,  # noqa: F401
                         pairs, tiny, tiny_dropout, weights)
@@ -66,7 +66,7 @@ def test_remining_follows_the_model_and_resumes_exactly(tmp_path, tiny_dropout, 
     resumed_events = json.loads((tmp_path / "b" / "train_config.json").read_text())["remining"]
     assert [(e["epoch"], e["step"]) for e in resumed_events] == [(1, 6), (2, 12)]
     # negative control: resuming from step 9 with the original lists instead would not reproduce the run
-    monkeypatch.setattr(Remining, "load_state", lambda self, state, n: None)
+    monkeypatch.setattr(Remining, "load_state_dict", lambda self, state, n: None)
     c = train(replace(cfg, resume=str(tmp_path / "b" / "checkpoints" / "step_00000009.pt")), data,
               tmp_path / "b", hard)
     assert max_diff(weights(full.checkpoint), weights(c.checkpoint)) > 1e-4

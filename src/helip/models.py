@@ -19,6 +19,7 @@ import torch
 
 from .errors import ConfigError, InputError
 from .io import save_torch
+from .slip_arch import preprocess_overrides, register_timm_models
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ def register_configs() -> None:
     works in any script, which is how helip's checkpoints are meant to be read.
     It also registers SLIP's ViT-S/16 trunk with timm (``SLIP-ViT-S-16`` needs it).
     """
-    from .slip import register_timm_models
-
     register_timm_models()
     if DEMO_MODEL not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
@@ -96,8 +95,6 @@ def load_model(model: str = DEMO_MODEL, pretrained: Optional[str] = None, device
     OpenCLIP's own loader strips them --, anything OpenCLIP's loader reads) or
     an OpenCLIP pretrained tag (downloaded by OpenCLIP only then).
     """
-    from .slip import preprocess_overrides
-
     name = resolve_model_name(model)
     check_pretrained(name, pretrained)
     try:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,68 +37,15 @@ from torch import nn
 
 from .errors import ConfigError, InputError
 from .io import save_json, save_torch
+from .models import register_configs, resolve_model_name
+from .slip_arch import IMAGENET_MEAN, IMAGENET_STD, SLIP_CONFIGS, SLIP_SIZES, SLIP_TIMM_MODELS, SlipSize, \
+    _SLIP_ARCH, preprocess_overrides, register_timm_models  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_FILE = "model.pt"
 HEAD_FILE = "simclr_head.pt"
 META_FILE = "slip_meta.json"
-
-
-@dataclass(frozen=True)
-class SlipSize:
-    letter: str
-    config: str        # helip's OpenCLIP model config name
-    vision_width: int
-    vision_depth: int
-
-
-SLIP_SIZES: Dict[str, SlipSize] = {
-    "S": SlipSize("S", "SLIP-ViT-S-16", 384, 12),
-    "B": SlipSize("B", "SLIP-ViT-B-16", 768, 12),
-    "L": SlipSize("L", "SLIP-ViT-L-16", 1024, 24),
-}
-SLIP_CONFIGS = tuple(s.config for s in SLIP_SIZES.values())
-_SLIP_ARCH = re.compile(r"^(SLIP|CLIP|SIMCLR)_VIT([A-Z])(\d+)$")
-# SLIP's MoCo-v3 ViT-S/16: timm's vit_small_patch16_224 has 6 heads
-SLIP_TIMM_MODELS = {"slip_vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=12)}
-
-
-def register_timm_models() -> None:
-    """Register SLIP's ViT-S/16 with timm (idempotent), so OpenCLIP's TimmModel can build it by name."""
-    import timm
-    from timm.models import register_model
-    from timm.models.vision_transformer import _create_vision_transformer
-
-    for name, arch in SLIP_TIMM_MODELS.items():
-        if timm.is_model(name):
-            continue
-
-        def build(pretrained: bool = False, _arch=arch, **kwargs):
-            if pretrained:
-                raise ValueError("helip registers SLIP's ViT-S without pretrained weights; load a SLIP checkpoint")
-            return _create_vision_transformer("vit_small_patch16_224", pretrained=False, **{**_arch, **kwargs})
-
-        build.__name__ = name
-        build.__module__ = __name__
-        register_model(build)
-
-
-def preprocess_overrides(model_name: str) -> dict:
-    """OpenCLIP transform options for SLIP models: SLIP normalises with ImageNet statistics.
-
-    SLIP's eval transform is Resize(224) (shortest side, bilinear),
-    CenterCrop(224), ImageNet mean/std; OpenCLIP's defaults (OpenAI mean/std,
-    bicubic) would shift every input. Pass these to
-    ``open_clip.create_model_and_transforms`` (``helip.models.load_model``
-    does) when building a SLIP model's transforms yourself.
-    """
-    if model_name in SLIP_CONFIGS:
-        return dict(image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, image_interpolation="bilinear",
-                    image_resize_mode="shortest")
-    return {}
 
 
 # ----------------------------------------------------------------------------------------- the SimCLR head
@@ -256,8 +202,6 @@ def _build_meta(name: str) -> nn.Module:
     import open_clip
     from open_clip.model import CLIP
 
-    from .models import register_configs
-
     register_configs()
     cfg = {k: v for k, v in open_clip.get_model_config(name).items() if k != "custom_text"}
     with torch.device("meta"):
@@ -300,8 +244,6 @@ def convert_slip_checkpoint(src, out_dir, size: Optional[str] = None, model: Opt
     ``open_clip.create_model(result.model_name, pretrained=out_dir/"model.pt")``
     loads it once ``helip.models.register_configs()`` has run.
     """
-    from .models import resolve_model_name
-
     ckpt = read_slip_checkpoint(src, trust=trust)
     if model is not None:
         name = resolve_model_name(model)

@@ -1,5 +1,15 @@
-"""helip's training engine: the loop behind `helip train` and the demo."""
-from .loop import FREEZE, OBJECTIVES, PRECISIONS, TrainConfig, Trainer, TrainResult, check_fresh_out_dir, train
+"""helip's training engine: the loop behind `helip train` and the demo.
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "check_fresh_out_dir", "FREEZE", "OBJECTIVES",
-           "PRECISIONS"]
+- :mod:`.config`: ``TrainConfig``, the options of a run;
+- :mod:`.loop`: ``train()`` (the loop, top to bottom) and ``Trainer`` (one optimiser step);
+- :mod:`.objective`: CLIP or SLIP, as objects the loop calls;
+- :mod:`.checkpoint`: resumable checkpoints, which to resume, whether they fit;
+- :mod:`.distributed`: devices, ranks, precision, seeds;
+- :mod:`.hooks` and :mod:`.remine`: work called at epoch starts (re-mining the hard pairs).
+"""
+from .checkpoint import check_fresh_out_dir, list_checkpoints
+from .config import FREEZE, OBJECTIVES, PRECISIONS, TrainConfig, TrainResult
+from .loop import Trainer, train
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "check_fresh_out_dir", "list_checkpoints", "FREEZE",
+           "OBJECTIVES", "PRECISIONS"]

@@ -34,273 +34,36 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from open_clip import ClipLoss
 from open_clip_train.scheduler import cosine_lr
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data.indexed import EpochSlice, IndexedBatches, as_pair_dataset
 from ..errors import ConfigError, InputError
-from ..io import save_json, save_text, save_torch
-from ..losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
+from ..io import save_json, save_torch
+from ..losses import HardNegativeMarginLoss, PartnerMasker
 from ..mining.store import HardPairs
-from ..models import DEMO_MODEL, load_model, save_checkpoint
+from ..models import load_model, save_checkpoint
+from ..sampler import HardPairBatchSampler
+from .checkpoint import check_compatible, checkpoint_path, list_checkpoints, prune_log, resume_path
+from .config import TrainConfig, TrainResult
+from .distributed import DistInfo, autocast_for, dist_info, loader_seed, resolve_device, resolve_precision, \
+    step_seed, unwrap
+from .hooks import TrainHook
+from .objective import build_objective
 from .remine import REMINED_DIR, Remining
-from ..sampler import TEMPERATURE_MODES, HardPairBatchSampler
-from ..slip import HEAD_FILE, SlipConfig, build_slip_training, save_head
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FREEZE = ("image", "text")
-CHECKPOINT_DIR = "checkpoints"
-_CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
-# options that change the trajectory: a resumed run must use the same values
-_TRAJECTORY = ("model", "steps", "batch_size", "accum_steps", "lr", "weight_decay", "warmup_steps", "seed",
-               "hard_per_target", "hard_fraction", "top_k", "hnml_weight", "hnml_margin", "freeze",
-               "local_loss", "gather_with_grad", "grad_clip_norm", "objective", "slip", "remine_every",
-               "hard_temperature", "hard_temperature_mode")
-# what an option added later meant for checkpoints written before it existed (default: its current default)
-_LEGACY = {"hard_temperature_mode": "absolute"}  # before it existed, the temperature was in score units
-
-
-OBJECTIVES = ("clip", "slip")
-
-
-@dataclass
-class TrainConfig:
-    """Continued-training options. ``hard_per_target=0`` or no hard pairs gives random batches.
-
-    ``batch_size`` is per rank and per micro-batch: an optimiser step sees
-    ``batch_size * accum_steps * world_size`` samples.
-    """
-
-    model: str = DEMO_MODEL
-    pretrained: Optional[str] = None
-    steps: int = 300
-    batch_size: int = 128
-    lr: float = 1e-3  # chosen on the demo world's validation split; real checkpoints want ~1e-5..1e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 20
-    seed: int = 0
-    hard_per_target: int = 1
-    hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
-    top_k: int = 50
-    # partners drawn by mining score over the top_k (helip.sampler), T's unit by the mode: "relative" the median
-    # over targets of a target's top-k score spread s_1 - s_k (scale-free), "per_target" each target's own spread,
-    # "absolute" score units; T = 0: uniform (the paper's draw). Relative 0.05 is the absolute 0.01 measured on the
-    # built-in world (median spread 0.200: the same partner in 99.95% of draws), chosen on validation
-    # (benchmarks/results/bench_quality_steps700_rel.md)
-    hard_temperature: float = 0.05
-    hard_temperature_mode: str = "relative"
-    remine_every: int = 0            # re-mine the hard pairs with the current model every N epochs (0: never)
-    hnml_weight: float = 1.0
-    hnml_margin: float = 0.2
-    device: str = "cpu"
-    log_every: int = 10
-    progress: bool = True
-    objective: str = "clip"          # "clip": OpenCLIP's ClipLoss; "slip": SLIP's CLIP + SimCLR loss (helip.slip)
-    slip: SlipConfig = field(default_factory=SlipConfig)
-    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere
-    accum_steps: int = 1             # micro-batches per optimiser step (feature-caching accumulation)
-    freeze: Optional[str] = None     # "image" or "text": that tower's weights stay as loaded
-    workers: int = 0                 # DataLoader worker processes
-    save_every: int = 0              # resumable checkpoint every N steps (0: only the final one)
-    resume: Optional[str] = None     # None: fresh run; "auto": latest checkpoint in out_dir; or a checkpoint path
-    local_loss: bool = False         # OpenCLIP ClipLoss options for multi-GPU runs
-    gather_with_grad: bool = False
-    grad_clip_norm: Optional[float] = None
-    tensorboard: bool = False        # also write TensorBoard scalars to out_dir/tensorboard
-
-    def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
-        if self.objective == "slip":
-            self.slip.validate()
-            if self.accum_steps > 1:
-                raise ConfigError("--objective slip does not support --accum-steps > 1 yet (the SimCLR "
-                                  "embeddings are not cached across micro-batches); use a smaller batch.")
-        for name in ("steps", "batch_size", "accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("workers", "save_every", "warmup_steps", "remine_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}.")
-        if self.hard_temperature < 0:
-            raise ConfigError(f"hard_temperature must be 0 (uniform choice) or positive, got {self.hard_temperature}.")
-        if self.hard_temperature_mode not in TEMPERATURE_MODES:
-            raise ConfigError(f"hard_temperature_mode must be one of {', '.join(TEMPERATURE_MODES)}, "
-                              f"got {self.hard_temperature_mode!r}.")
-        if self.hnml_weight < 0 or self.hnml_margin < 0:
-            raise ConfigError("hnml_weight and hnml_margin must be non-negative.")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
-        if self.freeze is not None and self.freeze not in FREEZE:
-            raise ConfigError(f"freeze must be 'image' or 'text', got {self.freeze!r}.")
-        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
-            raise ConfigError(f"grad_clip_norm must be positive, got {self.grad_clip_norm}.")
-
-
-@dataclass
-class TrainResult:
-    checkpoint: Path
-    history: List[dict] = field(default_factory=list)
-    seconds: float = 0.0
-    resumed_from: Optional[int] = None
-    model: Optional[torch.nn.Module] = None  # the trained model (this rank's replica), unwrapped from DDP
-
-
-# ----------------------------------------------------------------------------- data
-
-class TensorPairs(Dataset):
-    """In-memory pairs as a map-style Dataset: ``(image [3, H, W], tokens [L])`` per index.
-
-    ``gather`` indexes a whole batch at once, which is what makes in-memory
-    training as fast as feeding prepared tensors.
-    """
-
-    def __init__(self, images: torch.Tensor, tokens: torch.Tensor):
-        if len(images) != len(tokens):
-            raise InputError(f"{len(images)} images but {len(tokens)} token rows.")
-        self.images, self.tokens = images, tokens
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.tokens[i]
-
-    def gather(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[idx], self.tokens[idx]
-
-
-def as_pair_dataset(pairs) -> Dataset:
-    """Any map-style (image, tokens) Dataset as is; helip's in-memory ``PairTensors`` wrapped."""
-    if hasattr(pairs, "images") and hasattr(pairs, "tokens") and not hasattr(pairs, "__getitem__"):
-        return TensorPairs(pairs.images, pairs.tokens)
-    if not (hasattr(pairs, "__getitem__") and hasattr(pairs, "__len__")):
-        raise InputError(f"training data must be a map-style Dataset of (image, tokens), got {type(pairs).__name__}.")
-    return pairs
-
-
-class IndexedBatches(Dataset):
-    """Wraps a pair Dataset so the DataLoader yields ``(indices, images, tokens)`` per batch.
-
-    The indices are what HNML needs to find each target's partners in the batch.
-    ``__getitems__`` (the DataLoader's batched fetch) collates in the worker.
-    """
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        image, tokens = self.dataset[i]
-        return i, image, tokens
-
-    def __getitems__(self, indices: List[int]):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        if hasattr(self.dataset, "gather"):
-            images, tokens = self.dataset.gather(indices)
-        else:
-            items = [self.dataset[int(i)] for i in indices]
-            images = torch.stack([torch.as_tensor(im) for im, _ in items])
-            tokens = torch.stack([torch.as_tensor(t) for _, t in items])
-        return idx, images, tokens
-
-
-def _collate_batch(batch):
-    return batch  # already collated by IndexedBatches.__getitems__
-
-
-class _EpochSlice(Sampler[List[int]]):
-    """Batches ``start..stop`` of one epoch of a batch sampler: resume mid-epoch without loading skipped data."""
-
-    def __init__(self, sampler: HardPairBatchSampler, start: int, stop: int):
-        self.sampler, self.start, self.stop = sampler, start, stop
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for b, batch in enumerate(self.sampler):
-            if b >= self.stop:
-                return
-            if b >= self.start:
-                yield batch
-
-
-# ----------------------------------------------------------------------------- distributed / device
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size of the joined process group (torchrun), or a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo()
-
-
-def resolve_device(device: str, info: DistInfo) -> str:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu.")
-        if device == "cuda":
-            device = f"cuda:{info.local_rank if info.world_size > 1 else torch.cuda.current_device()}"
-        torch.cuda.set_device(torch.device(device))
-    return device
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """AMP precision actually used: autocast only on CUDA (a no-op, logged, elsewhere)."""
-    on_cuda = device.startswith("cuda")
-    if precision == "auto":
-        return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision in ("bf16", "fp16") and not on_cuda:
-        log.warning("precision %s: AMP is used on CUDA only; training in fp32 on %s", precision, device)
-        return "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: str):
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
-    """Seed for the random ops (dropout) of one forward pass: resume-exact and distinct per rank."""
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def loader_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """Seed of the DataLoader's worker seeds for one epoch (random augmentations in workers)."""
-    return step_seed(seed, epoch, 2**20, rank)  # micro index 2**20: a stream no forward pass uses
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -325,17 +88,6 @@ def freeze_tower(model: torch.nn.Module, tower: Optional[str]) -> None:
         model.lock_text_tower(unlocked_layers=0)
     else:
         raise ConfigError(f"freeze must be 'image' or 'text', got {tower!r}.")
-
-
-def _features(out):
-    """(image_features, text_features, logit_scale) from a tuple- or dict-returning OpenCLIP model."""
-    if isinstance(out, dict):
-        return out["image_features"], out["text_features"], out["logit_scale"]
-    return out[0], out[1], out[2]
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 # ----------------------------------------------------------------------------- the step
@@ -372,12 +124,9 @@ class Trainer:
         self.masker = PartnerMasker(hard_indices, cfg.top_k) if hard_indices is not None else None
         use_hnml = hard_indices is not None and cfg.hnml_weight > 0
         self.hnml = HardNegativeMarginLoss(cfg.hnml_margin, cfg.hnml_weight) if use_hnml else None
-        clip_loss = ClipLoss(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, cache_labels=True,
-                             rank=self.info.rank, world_size=self.info.world_size)
-        self.criterion = HelipLoss(clip_loss, self.hnml)
-        self.slip = cfg.objective == "slip"
-        if self.slip:  # the model also returns two views' SimCLR embeddings; the loss adds ssl_scale x SimCLR
-            model, self.criterion = build_slip_training(model, self.criterion, cfg.slip, cfg.pretrained, device)
+        # CLIP or SLIP: the objective prepares the trained module and computes the losses
+        self.objective = build_objective(cfg, self.info, self.hnml)
+        model = self.objective.prepare(model, device)
         if self.info.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -407,8 +156,7 @@ class Trainer:
 
     def _forward(self, images, tokens):
         """(image_features, text_features, logit_scale, extra): extra holds SLIP's two view embeddings."""
-        out = self.model(images, tokens)
-        return (*_features(out), tuple(out[3:5]) if self.slip else ())
+        return self.objective.forward(self.model, images, tokens)
 
     def step(self, micro_batches: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], step: int) -> Dict:
         """One optimiser step on ``accum_steps`` micro-batches of ``(indices, images, tokens)``.
@@ -426,7 +174,7 @@ class Trainer:
             self._seed(step, 0)
             with self.autocast():
                 image_f, text_f, logit_scale, extra = self._forward(images, tokens)
-                losses = self.criterion(image_f, text_f, logit_scale, mask, *extra)
+                losses = self.objective.loss(image_f, text_f, logit_scale, mask, extra)
             self.scaler.scale(losses["total"]).backward()
         else:
             cached_img, cached_txt = [], []
@@ -448,7 +196,7 @@ class Trainer:
                         scale = logit_scale if last else logit_scale.detach()
                         all_img = torch.cat(cached_img[:j] + [image_f] + cached_img[j + 1:])
                         all_txt = torch.cat(cached_txt[:j] + [text_f] + cached_txt[j + 1:])
-                        losses = self.criterion(all_img, all_txt, scale, mask)
+                        losses = self.objective.loss(all_img, all_txt, scale, mask)
                     self.scaler.scale(losses["total"]).backward()
         if self.cfg.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -477,75 +225,18 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "config": asdict(self.cfg),
         }
-        if self.slip:
-            state["slip_head"] = {k: v.detach().cpu() for k, v in unwrap(self.model).head.state_dict().items()}
+        state.update(self.objective.state_dict(self.model))
         state.update(extra or {})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.clip_model.load_state_dict(state["state_dict"])
-        if self.slip:
-            unwrap(self.model).head.load_state_dict(state["slip_head"])
+        self.objective.load_state_dict(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def list_checkpoints(out_dir: Path) -> List[Tuple[int, Path]]:
-    """Resumable checkpoints in ``out_dir/checkpoints``, by step (temporary files of a killed save ignored)."""
-    d = Path(out_dir) / CHECKPOINT_DIR
-    found = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = _CKPT_RE.match(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def check_fresh_out_dir(out_dir: Path) -> None:
-    """Refuse to start a fresh run over an earlier run's checkpoints (the CLI calls this without --resume)."""
-    found = list_checkpoints(out_dir)
-    if found:
-        raise ConfigError(f"{out_dir} holds checkpoints of an earlier run (latest: step {found[-1][0]}); "
-                          f"pass --resume auto to continue it, or choose another --out.")
-
-
-def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1][1] if found else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise InputError(f"--resume {path}: no such checkpoint; pass --resume auto or a checkpoints/step_N.pt file.")
-    return path
-
-
-def _check_compatible(saved: dict, cfg: TrainConfig, extra: dict, path: Path) -> None:
-    # options newer than the checkpoint: what they meant before they existed (_LEGACY), else their defaults
-    now, default = asdict(cfg), {**asdict(TrainConfig()), **_LEGACY}
-    old = {k: saved["config"].get(k, default[k]) for k in _TRAJECTORY}
-    if old["hard_temperature"] == now["hard_temperature"] == 0:  # a uniform draw has no temperature units
-        old["hard_temperature_mode"] = now["hard_temperature_mode"]
-    diff = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in _TRAJECTORY if old[k] != now[k]]
-    diff += [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in extra.items() if saved.get(k) != v]
-    if diff:
-        raise ConfigError(f"cannot resume from {path}: options differ from the run that wrote it "
-                          f"({'; '.join(diff)}); rerun with the same options or choose another --out.")
-
-
-def _prune_log(path: Path, step: int) -> None:
-    """Keep the log records up to the resumed step (a killed run may have logged steps it then lost)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    save_text(path, "".join(line + "\n" for line in keep))
 
 
 def _tensorboard(out_dir: Path):
@@ -583,13 +274,14 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     if cfg.remine_every and not use_hard:
         raise ConfigError("--remine-every re-mines hard pairs, so it needs hard pairs to start from "
                           "(--hard-pairs, with --hard-per-target > 0); drop --remine-every for random batches.")
-    remining = Remining(cfg.remine_every, hard, out_dir, device, cfg.batch_size, cfg.workers,
-                        cfg.progress) if cfg.remine_every else None
+    hooks: List[TrainHook] = []
+    if cfg.remine_every:
+        hooks.append(Remining(cfg.remine_every, hard, out_dir, device, cfg.batch_size, cfg.workers, cfg.progress))
     tb = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
-    resume_path = _resume_path(cfg, out_dir)
+    resume_from = resume_path(cfg.resume, out_dir)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if resume_path is None:
+        if resume_from is None:
             for _, p in list_checkpoints(out_dir):  # a fresh run replaces an earlier run's outputs
                 log.warning("fresh run: removing %s of an earlier run", p)
                 p.unlink()
@@ -597,6 +289,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     if info.world_size > 1:
         dist.barrier()
 
+    # model, batches, optimiser
     torch.manual_seed(cfg.seed)
     lm = load_model(cfg.model, cfg.pretrained, device=device)
     sampler = HardPairBatchSampler(
@@ -612,27 +305,25 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     run_extra = {"world_size": info.world_size, "num_samples": n,
                  "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None}
 
-    def use_hard_pairs(pairs: HardPairs) -> None:
-        sampler.set_hard_pairs(pairs.indices, pairs.scores)
-        trainer.set_hard_pairs(pairs.indices)
+    def use_hard_pairs(new: Optional[HardPairs]) -> None:
+        if new is not None:
+            sampler.set_hard_pairs(new.indices, new.scores)
+            trainer.set_hard_pairs(new.indices)
 
+    # resume
     step, resumed_from = 0, None
-    if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        _check_compatible(state, cfg, run_extra, resume_path)
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        check_compatible(state, cfg, run_extra, resume_from)
         trainer.load_state_dict(state)
-        restored = remining.load_state(state, n) if remining is not None else None
-        if restored is not None:
-            use_hard_pairs(restored)
+        for hook in hooks:
+            use_hard_pairs(hook.load_state_dict(state, n))
         step = resumed_from = int(state["step"])
-        log.info("resuming from %s (step %d, sampler epoch %d)", resume_path, step, state["sampler_epoch"])
-
+        log.info("resuming from %s (step %d, sampler epoch %d)", resume_from, step, state["sampler_epoch"])
     log_path = out_dir / "train_log.jsonl"
     history: List[dict] = []
     if info.is_main:
-        if resumed_from is not None:
-            _prune_log(log_path, resumed_from)
-            history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+        history = prune_log(log_path, resumed_from) if resumed_from is not None else []
         log_file = open(log_path, "a" if resumed_from is not None else "w")
     else:
         log_file = open(os.devnull, "w")
@@ -640,28 +331,31 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     def save(step: int) -> None:
         if info.is_main:
             epoch = (step - 1) // steps_per_epoch if step else 0
-            extra = {**run_extra, **(remining.state() if remining is not None else {})}
-            save_torch(out_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt", trainer.state_dict(step, epoch, extra))
+            extra = dict(run_extra)
+            for hook in hooks:
+                extra.update(hook.state_dict())
+            save_torch(checkpoint_path(out_dir, step), trainer.state_dict(step, epoch, extra))
         if info.world_size > 1:
             dist.barrier()
 
+    # the loop
     t_start = time.perf_counter()
     t_window, samples_window = t_start, 0
-    pin = device.startswith("cuda")
     bar = tqdm(total=cfg.steps, initial=step, desc="training", disable=not (cfg.progress and info.is_main))
     try:
         while step < cfg.steps:
             epoch, in_epoch = divmod(step, steps_per_epoch)
-            if remining is not None and in_epoch == 0 and remining.due(epoch):
+            if in_epoch == 0:
                 t0 = time.perf_counter()
-                use_hard_pairs(remining.run(trainer.clip_model, dataset, epoch, step, trainer.autocast))
+                for hook in hooks:
+                    use_hard_pairs(hook.on_epoch_start(epoch, step, trainer.clip_model, dataset, trainer.autocast))
                 t_window += time.perf_counter() - t0  # samples_per_second counts training time only
             sampler.set_epoch(epoch)
             last = min(steps_per_epoch, in_epoch + cfg.steps - step)
             loader = DataLoader(
-                IndexedBatches(dataset), batch_sampler=_EpochSlice(sampler, in_epoch * cfg.accum_steps,
-                                                                   last * cfg.accum_steps),
-                num_workers=cfg.workers, collate_fn=_collate_batch, pin_memory=pin,
+                IndexedBatches(dataset), batch_sampler=EpochSlice(sampler, in_epoch * cfg.accum_steps,
+                                                                  last * cfg.accum_steps),
+                num_workers=cfg.workers, collate_fn=IndexedBatches.collate, pin_memory=device.startswith("cuda"),
                 generator=torch.Generator().manual_seed(loader_seed(cfg.seed, epoch, info.rank)))
             micro: list = []
             for batch in loader:
@@ -675,12 +369,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     now = time.perf_counter()
-                    rec = {"step": step, "epoch": epoch, "lr": out["lr"],
-                           **{k: float(v) for k, v in out.items() if k not in ("lr", "mask", "logit_scale")},
-                           "logit_scale": float(out["logit_scale"]),
-                           "samples_per_second": round(samples_window / max(now - t_window, 1e-9), 1)}
-                    if out["mask"] is not None:
-                        rec["partners_per_sample"] = float(out["mask"].sum(1).float().mean())
+                    rec = _log_record(step, epoch, out, samples_window / max(now - t_window, 1e-9))
                     t_window, samples_window = now, 0
                     if info.is_main:
                         history.append(rec)
@@ -700,20 +389,33 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
         log_file.close()
         if tb is not None:
             tb.close()
+
+    # outputs
     seconds = time.perf_counter() - t_start
     ckpt = out_dir / "model.pt"
     if info.is_main:
-        if cfg.objective == "slip":  # before model.pt, so a SLIP run's model.pt always has its head beside it
-            save_head(unwrap(trainer.model).head, out_dir / HEAD_FILE)
+        trainer.objective.save(trainer.model, out_dir)  # before model.pt: model.pt marks a complete run
         save_checkpoint(trainer.clip_model, ckpt)
+        summary = {"remining": None}
+        for hook in hooks:
+            summary.update(hook.summary())
         save_json(out_dir / "train_config.json", {
             **asdict(cfg), "hard_pairs_meta": hard.meta if use_hard else None, "precision_used": trainer.precision,
             "device_used": device, "world_size": info.world_size, "steps_per_epoch": steps_per_epoch,
             "epochs_started": (cfg.steps - 1) // steps_per_epoch + 1, "resumed_from_step": resumed_from,
-            "remining": remining.events if remining is not None else None,
-            "seconds": round(seconds, 2)})
+            **summary, "seconds": round(seconds, 2)})
         log.info("trained to step %d in %.1fs -> %s", cfg.steps, seconds, ckpt)
     if info.world_size > 1:
         dist.barrier()
     return TrainResult(checkpoint=ckpt, history=history, seconds=seconds, resumed_from=resumed_from,
                        model=trainer.clip_model)
+
+
+def _log_record(step: int, epoch: int, out: Dict, samples_per_second: float) -> dict:
+    """One line of ``train_log.jsonl`` from what ``Trainer.step`` returned (syncs with the device)."""
+    rec = {"step": step, "epoch": epoch, "lr": out["lr"],
+           **{k: float(v) for k, v in out.items() if k not in ("lr", "mask", "logit_scale")},
+           "logit_scale": float(out["logit_scale"]), "samples_per_second": round(samples_per_second, 1)}
+    if out["mask"] is not None:
+        rec["partners_per_sample"] = float(out["mask"].sum(1).float().mean())
+    return rec

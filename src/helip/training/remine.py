@@ -34,10 +34,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..data.indexed import IndexedBatches
 from ..embed import encode_batches
 from ..errors import ConfigError, InputError
 from ..mining import HardPairs, MineConfig, load_hard_pairs, mine_hard_pairs
 from ..resumable import barrier, rank_and_world
+from .hooks import TrainHook
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,12 @@ def embed_dataset(model: torch.nn.Module, dataset, batch_size: int, device: str,
     Each rank encodes its shard (``np.array_split`` order) and the shards are
     all-gathered, so all ranks hold the same arrays.
     """
-    from .loop import IndexedBatches, _collate_batch  # train imports this module
-
     rank, world = rank_and_world()
     n = len(dataset)
     rows = np.array_split(np.arange(n), world)[rank]
     batches = [rows[s:s + batch_size].tolist() for s in range(0, len(rows), batch_size)]
     loader = torch.utils.data.DataLoader(IndexedBatches(dataset), batch_sampler=batches, num_workers=workers,
-                                         collate_fn=_collate_batch, pin_memory=device.startswith("cuda"))
+                                         collate_fn=IndexedBatches.collate, pin_memory=device.startswith("cuda"))
     img, txt = encode_batches(model, ((images, tokens) for _, images, tokens in loader), device, autocast)
     if world > 1:
         img, txt = _all_gather_rows(img, n, device), _all_gather_rows(txt, n, device)
@@ -101,8 +101,8 @@ def remined_dir(out_dir: Path, epoch: int) -> Path:
     return Path(out_dir) / REMINED_DIR / f"epoch_{epoch:04d}"
 
 
-class Remining:
-    """Re-mining during one training run: when it is due, the lists in use, and a record of each re-mining.
+class Remining(TrainHook):
+    """Re-mining during one training run, as a hook of the loop: when it is due, the lists in use, a record.
 
     ``epoch`` is the epoch the lists in use were mined at (0: the original
     hard pairs); ``events`` (epoch, step, seconds) go into checkpoints and
@@ -119,6 +119,10 @@ class Remining:
 
     def due(self, epoch: int) -> bool:
         return epoch > 0 and epoch % self.every == 0 and epoch != self.epoch
+
+    def on_epoch_start(self, epoch: int, step: int, model: torch.nn.Module, dataset,
+                       autocast: Callable[[], Any] = nullcontext) -> Optional[HardPairs]:
+        return self.run(model, dataset, epoch, step, autocast) if self.due(epoch) else None
 
     def run(self, model: torch.nn.Module, dataset, epoch: int, step: int,
             autocast: Callable[[], Any] = nullcontext) -> HardPairs:
@@ -143,10 +147,13 @@ class Remining:
                  epoch, step, seconds, t_embed, out)
         return hard
 
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"hard_pairs_epoch": self.epoch, "remine_events": list(self.events)}
 
-    def load_state(self, state: dict, n: int) -> Optional[HardPairs]:
+    def summary(self) -> dict:
+        return {"remining": self.events}
+
+    def load_state_dict(self, state: dict, n: int) -> Optional[HardPairs]:
         """Restore from a checkpoint; the re-mined lists it trained with (None: the original ones)."""
         self.epoch = int(state.get("hard_pairs_epoch", 0))
         self.events = list(state.get("remine_events", []))

@@ -1,0 +1,102 @@
+"""``TrainConfig``: the options of one training run (what ``helip train``'s flags fill in)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..errors import ConfigError
+from ..models import DEMO_MODEL
+from ..sampler import TEMPERATURE_MODES
+from ..slip import SlipConfig
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FREEZE = ("image", "text")
+OBJECTIVES = ("clip", "slip")
+
+
+@dataclass
+class TrainConfig:
+    """Continued-training options. ``hard_per_target=0`` or no hard pairs gives random batches.
+
+    ``batch_size`` is per rank and per micro-batch: an optimiser step sees
+    ``batch_size * accum_steps * world_size`` samples.
+    """
+
+    model: str = DEMO_MODEL
+    pretrained: Optional[str] = None
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3  # chosen on the demo world's validation split; real checkpoints want ~1e-5..1e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    seed: int = 0
+    hard_per_target: int = 1
+    hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
+    top_k: int = 50
+    # partners drawn by mining score over the top_k (helip.sampler), T's unit by the mode: "relative" the median
+    # over targets of a target's top-k score spread s_1 - s_k (scale-free), "per_target" each target's own spread,
+    # "absolute" score units; T = 0: uniform (the paper's draw). Relative 0.05 is the absolute 0.01 measured on the
+    # built-in world (median spread 0.200: the same partner in 99.95% of draws), chosen on validation
+    # (benchmarks/results/bench_quality_steps700_rel.md)
+    hard_temperature: float = 0.05
+    hard_temperature_mode: str = "relative"
+    remine_every: int = 0            # re-mine the hard pairs with the current model every N epochs (0: never)
+    hnml_weight: float = 1.0
+    hnml_margin: float = 0.2
+    device: str = "cpu"
+    log_every: int = 10
+    progress: bool = True
+    objective: str = "clip"          # "clip": OpenCLIP's ClipLoss; "slip": SLIP's CLIP + SimCLR loss (helip.slip)
+    slip: SlipConfig = field(default_factory=SlipConfig)
+    precision: str = "auto"          # auto: bf16 autocast on CUDA, fp32 elsewhere
+    accum_steps: int = 1             # micro-batches per optimiser step (feature-caching accumulation)
+    freeze: Optional[str] = None     # "image" or "text": that tower's weights stay as loaded
+    workers: int = 0                 # DataLoader worker processes
+    save_every: int = 0              # resumable checkpoint every N steps (0: only the final one)
+    resume: Optional[str] = None     # None: fresh run; "auto": latest checkpoint in out_dir; or a checkpoint path
+    local_loss: bool = False         # OpenCLIP ClipLoss options for multi-GPU runs
+    gather_with_grad: bool = False
+    grad_clip_norm: Optional[float] = None
+    tensorboard: bool = False        # also write TensorBoard scalars to out_dir/tensorboard
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}.")
+        if self.objective == "slip":
+            self.slip.validate()
+            if self.accum_steps > 1:
+                raise ConfigError("--objective slip does not support --accum-steps > 1 yet (the SimCLR "
+                                  "embeddings are not cached across micro-batches); use a smaller batch.")
+        for name in ("steps", "batch_size", "accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("workers", "save_every", "warmup_steps", "remine_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be non-negative, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}.")
+        if self.hard_temperature < 0:
+            raise ConfigError(f"hard_temperature must be 0 (uniform choice) or positive, got {self.hard_temperature}.")
+        if self.hard_temperature_mode not in TEMPERATURE_MODES:
+            raise ConfigError(f"hard_temperature_mode must be one of {', '.join(TEMPERATURE_MODES)}, "
+                              f"got {self.hard_temperature_mode!r}.")
+        if self.hnml_weight < 0 or self.hnml_margin < 0:
+            raise ConfigError("hnml_weight and hnml_margin must be non-negative.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.freeze is not None and self.freeze not in FREEZE:
+            raise ConfigError(f"freeze must be 'image' or 'text', got {self.freeze!r}.")
+        if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
+            raise ConfigError(f"grad_clip_norm must be positive, got {self.grad_clip_norm}.")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    history: List[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: Optional[int] = None
+    model: Optional[torch.nn.Module] = None  # the trained model (this rank's replica), unwrapped from DDP
