@@ -192,30 +192,33 @@ def test_helip_loss_is_contrastive_plus_hnml():
     img, txt, scale = _clip_batch()
     mask = mask_of(6, [(0, 1), (1, 0), (2, 5), (5, 2)])
     hnml = HardNegativeMarginLoss(margin=0.5, weight=0.8)
-    out = HelipLoss(ClipLoss(), hnml)(img, txt, scale, mask)
-    assert set(out) == {"contrastive", "hnml", "total"}
-    torch.testing.assert_close(out["contrastive"], ClipLoss()(img, txt, scale))
-    torch.testing.assert_close(out["contrastive"], _reference_clip(img, txt, scale))
-    torch.testing.assert_close(out["hnml"], hnml(img, txt, mask))
-    assert out["hnml"].item() > 0
-    torch.testing.assert_close(out["total"], out["contrastive"] + out["hnml"])
+    loss = HelipLoss(ClipLoss(), hnml)
+    out = loss(img, txt, scale, mask, output_dict=True)
+    assert set(out) == {"contrastive_loss", "hnml_loss"}  # OpenCLIP's contract: weighted terms, no total
+    torch.testing.assert_close(out["contrastive_loss"], ClipLoss()(img, txt, scale))
+    torch.testing.assert_close(out["contrastive_loss"], _reference_clip(img, txt, scale))
+    torch.testing.assert_close(out["hnml_loss"], hnml(img, txt, mask))
+    assert out["hnml_loss"].item() > 0
+    # without output_dict: the sum, which is also what open_clip_train makes of the dict
+    torch.testing.assert_close(loss(img, txt, scale, mask), out["contrastive_loss"] + out["hnml_loss"])
+    torch.testing.assert_close(sum(out.values()), out["contrastive_loss"] + out["hnml_loss"])
 
 
 def test_helip_loss_without_hnml_is_clip_loss():
     img, txt, scale = _clip_batch(seed=1)
-    out = HelipLoss(ClipLoss(), None)(img, txt, scale, mask_of(6, [(0, 1)]))
-    assert set(out) == {"contrastive", "total"}
-    torch.testing.assert_close(out["total"], ClipLoss()(img, txt, scale))
+    out = HelipLoss(ClipLoss(), None)(img, txt, scale, mask_of(6, [(0, 1)]), output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(HelipLoss(ClipLoss(), None)(img, txt, scale), ClipLoss()(img, txt, scale))
     # HNML configured but no mask for this batch: the contrastive loss alone
-    out = HelipLoss(ClipLoss(), HardNegativeMarginLoss())(img, txt, scale)
-    assert "hnml" not in out
-    torch.testing.assert_close(out["total"], ClipLoss()(img, txt, scale))
+    out = HelipLoss(ClipLoss(), HardNegativeMarginLoss())(img, txt, scale, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(HelipLoss(ClipLoss(), HardNegativeMarginLoss())(img, txt, scale),
+                               ClipLoss()(img, txt, scale))
 
 
 def test_helip_loss_backward():
     img, txt, scale = _clip_batch(seed=2)
     img.requires_grad_(True)
     txt.requires_grad_(True)
-    out = HelipLoss(ClipLoss(), HardNegativeMarginLoss(margin=0.5))(img, txt, scale, mask_of(6, [(0, 1), (1, 0)]))
-    out["total"].backward()
+    HelipLoss(ClipLoss(), HardNegativeMarginLoss(margin=0.5))(img, txt, scale, mask_of(6, [(0, 1), (1, 0)])).backward()
     assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0

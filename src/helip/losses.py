@@ -1,6 +1,6 @@
 """HELIP's losses: the Hard Negative Margin Loss, composed with OpenCLIP's ClipLoss; SLIP's SimCLR term.
 
-HNML (METHOD.md section 2), with s the cosine similarity:
+HNML (the HELIP paper's hard negative margin loss), with s the cosine similarity:
 
     HNML_i = mean over hard partners j of i present in the batch of
              [ max(0, margin + s(I_i, T_j) - s(I_i, T_i))
@@ -18,7 +18,7 @@ For SLIP models the main loss is SLIP's: CLIP loss + ssl_scale x SimCLR
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,8 +28,10 @@ from open_clip import ClipLoss
 from open_clip.loss import gather_features
 from torch import nn
 
+from . import defaults
 
-def hard_partner_mask(batch_indices, hard_pairs: np.ndarray, top_k: int = 50, symmetric: bool = True,
+
+def hard_partner_mask(batch_indices, hard_pairs: np.ndarray, top_k: int = defaults.TOP_K, symmetric: bool = True,
                       device=None) -> torch.Tensor:
     """mask[a, b] is True when batch member b is among the first ``top_k`` hard pairs of member a.
 
@@ -47,10 +49,11 @@ class PartnerMasker:
     so looking up where each list entry sits in the batch is one gather.
     """
 
-    def __init__(self, hard_pairs: np.ndarray, top_k: int = 50, symmetric: bool = True):
-        self.hard = hard_pairs
+    def __init__(self, hard_pairs, top_k: int = defaults.TOP_K, symmetric: bool = True):
+        """``hard_pairs``: the [N, k] index lists, or a ``HardPairs`` (its ``indices``)."""
+        self.hard = getattr(hard_pairs, "indices", hard_pairs)
         self.top_k, self.symmetric = top_k, symmetric
-        self.where = np.full(len(hard_pairs) + 1, -1, dtype=np.int32)  # last slot: the -1 padding
+        self.where = np.full(len(self.hard) + 1, -1, dtype=np.int32)  # last slot: the -1 padding
 
     def __call__(self, batch_indices, device=None) -> torch.Tensor:
         idx = np.asarray(batch_indices, dtype=np.int64)
@@ -80,7 +83,7 @@ class PartnerMasker:
 class HardNegativeMarginLoss(nn.Module):
     """The weighted HNML term: ``weight * mean_i HNML_i`` (add it to the main loss)."""
 
-    def __init__(self, margin: float = 0.2, weight: float = 1.0):
+    def __init__(self, margin: float = defaults.HNML_MARGIN, weight: float = defaults.HNML_WEIGHT):
         super().__init__()
         self.margin = margin
         self.weight = weight
@@ -103,11 +106,16 @@ class HardNegativeMarginLoss(nn.Module):
 
 
 class HelipLoss(nn.Module):
-    """OpenCLIP's ClipLoss plus, when given, the HNML term.
+    """OpenCLIP's ClipLoss plus, when given, the HNML term, under OpenCLIP's loss contract.
 
     ``clip_loss`` is a stock ``open_clip.ClipLoss`` (pass rank/world_size for
     distributed training: it gathers features across ranks); HNML works on the
     local batch, where the sampler put each target beside its partners.
+
+    Like OpenCLIP's losses, ``forward(..., output_dict=True)`` returns the
+    weighted terms by name, ``{"contrastive_loss": ..., "hnml_loss": ...}``
+    (no total: open_clip_train sums the values), and without ``output_dict``
+    their sum. ``hnml_loss`` is absent when there is no HNML or no mask.
     """
 
     def __init__(self, clip_loss: Optional[ClipLoss] = None, hnml: Optional[HardNegativeMarginLoss] = None):
@@ -115,16 +123,12 @@ class HelipLoss(nn.Module):
         self.clip_loss = clip_loss or ClipLoss()
         self.hnml = hnml
 
-    def forward(self, image_features, text_features, logit_scale,
-                partner_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        contrastive = self.clip_loss(image_features, text_features, logit_scale)
-        out = {"contrastive": contrastive}
-        total = contrastive
+    def forward(self, image_features, text_features, logit_scale, partner_mask: Optional[torch.Tensor] = None,
+                output_dict: bool = False):
+        out = {"contrastive_loss": self.clip_loss(image_features, text_features, logit_scale)}
         if self.hnml is not None and partner_mask is not None:
-            out["hnml"] = self.hnml(image_features, text_features, partner_mask)
-            total = total + out["hnml"]
-        out["total"] = total
-        return out
+            out["hnml_loss"] = self.hnml(image_features, text_features, partner_mask)
+        return out if output_dict else sum(out.values())
 
 
 class SimCLRLoss(nn.Module):
@@ -193,11 +197,11 @@ class SlipLoss(nn.Module):
         self.ssl_scale = ssl_scale
 
     def forward(self, image_features, text_features, logit_scale, partner_mask: Optional[torch.Tensor] = None,
-                aug1_embed: Optional[torch.Tensor] = None,
-                aug2_embed: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                aug1_embed: Optional[torch.Tensor] = None, aug2_embed: Optional[torch.Tensor] = None,
+                output_dict: bool = False):
+        """As ``HelipLoss``, plus ``"ssl_loss"`` = ``ssl_scale`` x SimCLR (weighted, like every term)."""
         if aug1_embed is None or aug2_embed is None:
             raise ValueError("SlipLoss needs the SimCLR embeddings of both augmented views")
-        out = self.helip_loss(image_features, text_features, logit_scale, partner_mask)
-        out["ssl"] = self.simclr(aug1_embed, aug2_embed)
-        out["total"] = out["total"] + self.ssl_scale * out["ssl"]
-        return out
+        out = self.helip_loss(image_features, text_features, logit_scale, partner_mask, output_dict=True)
+        out["ssl_loss"] = self.ssl_scale * self.simclr(aug1_embed, aug2_embed)
+        return out if output_dict else sum(out.values())

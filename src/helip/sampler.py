@@ -57,6 +57,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 from torch.utils.data import Sampler
 
+from . import defaults
 from .errors import ConfigError, InputError
 
 TEMPERATURE_MODES = ("relative", "per_target", "absolute")
@@ -67,18 +68,24 @@ class HardPairBatchSampler(Sampler[List[int]]):
         self,
         hard_pairs: Optional[np.ndarray],
         batch_size: int,
-        hard_per_target: int = 1,
-        top_k: int = 50,
+        hard_per_target: int = defaults.HARD_PER_TARGET,
+        top_k: int = defaults.TOP_K,
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
         drop_last: bool = False,
         num_samples: Optional[int] = None,
-        hard_fraction: float = 1.0,
+        hard_fraction: float = defaults.HARD_FRACTION,
         hard_scores: Optional[np.ndarray] = None,
         hard_temperature: float = 0.0,
-        temperature_mode: str = "relative",
+        temperature_mode: str = defaults.HARD_TEMPERATURE_MODE,
     ):
+        """Batches from raw hard-pair lists [N, k] (``hard_pairs=None``: plain shuffled batches).
+
+        Given only index lists, partners are drawn uniformly (``hard_temperature=0``,
+        the paper's draw); ``from_hard_pairs`` builds the sampler ``helip train``
+        uses, with the mining scores and helip's default partner temperature.
+        """
         if hard_pairs is None:
             if num_samples is None:
                 raise ConfigError("HardPairBatchSampler needs hard_pairs or num_samples.")
@@ -127,6 +134,25 @@ class HardPairBatchSampler(Sampler[List[int]]):
             self.groups_per_batch = int(hard_fraction * batch_size) // (1 + hard_per_target)
             self.targets_per_batch = batch_size - self.groups_per_batch * hard_per_target
         self.targets_per_rank = -(-self.n // num_replicas)  # ceil: shards padded by wrap-around
+
+    @classmethod
+    def from_hard_pairs(cls, hard_pairs, batch_size: int, *, hard_per_target: int = defaults.HARD_PER_TARGET,
+                        top_k: int = defaults.TOP_K, hard_fraction: float = defaults.HARD_FRACTION,
+                        hard_temperature: float = defaults.HARD_TEMPERATURE,
+                        temperature_mode: str = defaults.HARD_TEMPERATURE_MODE, num_replicas: int = 1,
+                        rank: int = 0, seed: int = 0, drop_last: bool = True,
+                        num_samples: Optional[int] = None) -> "HardPairBatchSampler":
+        """The sampler of ``helip train`` for a ``HardPairs`` (indices and scores), with helip's defaults.
+
+        ``hard_pairs=None`` gives the baseline's plain shuffled batches (then
+        ``num_samples`` is required). ``drop_last=True`` as in training: every
+        batch has ``batch_size`` pairs.
+        """
+        return cls(None if hard_pairs is None else hard_pairs.indices, batch_size,
+                   hard_per_target if hard_pairs is not None else 0, top_k, num_replicas=num_replicas, rank=rank,
+                   seed=seed, drop_last=drop_last, num_samples=num_samples, hard_fraction=hard_fraction,
+                   hard_scores=None if hard_pairs is None else hard_pairs.scores, hard_temperature=hard_temperature,
+                   temperature_mode=temperature_mode)
 
     def set_hard_pairs(self, hard_pairs: np.ndarray, hard_scores: Optional[np.ndarray] = None) -> None:
         """Use these lists from now on (same N); scores are needed only with a temperature."""

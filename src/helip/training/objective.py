@@ -46,7 +46,8 @@ class ClipObjective:
         return (*features(model(images, tokens)), ())
 
     def loss(self, image_f, text_f, logit_scale, mask, extra=()) -> Dict[str, torch.Tensor]:
-        return self.criterion(image_f, text_f, logit_scale, mask, *extra)
+        """The weighted terms by name (OpenCLIP's ``output_dict`` contract): the loop sums them."""
+        return self.criterion(image_f, text_f, logit_scale, mask, *extra, output_dict=True)
 
     def state_dict(self, model: torch.nn.Module) -> dict:
         return {}

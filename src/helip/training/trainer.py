@@ -122,7 +122,8 @@ class Trainer:
             with self.autocast():
                 image_f, text_f, logit_scale, extra = self._forward(images, tokens)
                 losses = self.objective.loss(image_f, text_f, logit_scale, mask, extra)
-            self.scaler.scale(losses["total"]).backward()
+                total = sum(losses.values())
+            self.scaler.scale(total).backward()
         else:
             cached_img, cached_txt = [], []
             with torch.no_grad():
@@ -144,7 +145,8 @@ class Trainer:
                         all_img = torch.cat(cached_img[:j] + [image_f] + cached_img[j + 1:])
                         all_txt = torch.cat(cached_txt[:j] + [text_f] + cached_txt[j + 1:])
                         losses = self.objective.loss(all_img, all_txt, scale, mask)
-                    self.scaler.scale(losses["total"]).backward()
+                        total = sum(losses.values())
+                    self.scaler.scale(total).backward()
         if self.cfg.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
@@ -152,7 +154,9 @@ class Trainer:
         self.scaler.update()
         with torch.no_grad():
             unwrap(self.model).logit_scale.clamp_(0, math.log(100))
-        out = {k: v.detach() for k, v in losses.items()}
+        # log names without OpenCLIP's "_loss" suffix (contrastive, hnml, ssl), and their sum
+        out = {k[:-len("_loss")] if k.endswith("_loss") else k: v.detach() for k, v in losses.items()}
+        out["total"] = total.detach()
         out["logit_scale"] = logit_scale.detach()
         out["lr"] = lr
         out["mask"] = mask
