@@ -30,7 +30,7 @@ def mined(tmp_path_factory):
     root = write_dataset(tmp / "d", captions=caps, shards=1, corrupt={CORRUPT})
     csv = str(root / "pairs.csv")
     torch.manual_seed(0)  # the randomly initialised model's embeddings, whatever ran before
-    assert main(["embed", "--data", csv, "--out", str(tmp / "emb"), "--batch-size", "8",
+    assert main(["embed", "--model", "helip-tiny-vit", "--data", csv, "--out", str(tmp / "emb"), "--batch-size", "8",
                  "--max-bad-fraction", "0.2", "--no-progress"]) == 0
     assert main(["mine", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "hp"), "--k", "4",
                  "--min-similarity", "-1", "--dup-threshold", "1"]) == 0  # full rows (random model)
@@ -48,7 +48,7 @@ def test_train_on_a_csv_with_hard_pairs_never_samples_unusable_pairs(mined, monk
 
     monkeypatch.setattr(PairDataset, "__getitem__", spy)
     out = tmp / "run"
-    assert main(["train", "--data", csv, "--hard-pairs", str(tmp / "hp"), "--out", str(out), "--steps", "3",
+    assert main(["train", "--model", "helip-tiny-vit", "--data", csv, "--hard-pairs", str(tmp / "hp"), "--out", str(out), "--steps", "3",
                  "--batch-size", "8", "--hard-per-target", "1", "--top-k", "4", "--warmup-steps", "1",
                  "--log-every", "1", "--max-bad-fraction", "0.2"]) == 0
     assert "wrote" in capsys.readouterr().out and (out / "model.pt").is_file()
@@ -84,7 +84,7 @@ def test_restricted_hard_pairs_keep_partners_and_every_sampler_draw_is_usable(mi
 def test_hard_pairs_of_another_dataset_exit_2_with_one_line(mined, tmp_path, capsys):
     tmp, _, _ = mined
     other = write_dataset(tmp_path / "other", captions=_captions(24)[::-1], shards=1)
-    rc = main(["train", "--data", str(other / "pairs.jsonl"), "--hard-pairs", str(tmp / "hp"),
+    rc = main(["train", "--model", "helip-tiny-vit", "--data", str(other / "pairs.jsonl"), "--hard-pairs", str(tmp / "hp"),
                "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "8"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "another dataset" in err and "helip embed" in err

@@ -87,7 +87,7 @@ class LoadedModel:
     tokenizer: Callable[..., torch.Tensor]
 
 
-def load_model(model: str = DEMO_MODEL, pretrained: Optional[str] = None, device: str = "cpu") -> LoadedModel:
+def load_model(model: str, pretrained: Optional[str] = None, device: str = "cpu") -> LoadedModel:
     """Build an OpenCLIP model, from random init or from a checkpoint.
 
     ``pretrained`` is a local checkpoint file (a state dict, an ``open_clip_train``

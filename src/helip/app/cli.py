@@ -15,6 +15,7 @@ from typing import List, Optional
 from ..errors import ConfigError, HelipError
 
 log = logging.getLogger("helip")
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (default: cuda when present, else cpu)"
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -22,21 +23,24 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("helip").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _world_split(args):
-    """The built-in world's training split (the only dataset until CSV/shards land)."""
-    from ..data import world
+def _training_data(args, hard_pairs: Optional[str] = None):
+    """Every ``--data`` form (world, CSV/TSV, JSONL, shards) through one path: ``(dataset, hard pairs)``.
 
-    if args.data != "world":
-        raise ConfigError(f"--data {args.data!r}: only the built-in world ('world') is supported so far.")
-    return world.generate(args.n_train, args.world_seed, "train")
-
-
-def _model_and_pairs(args, split):
-    from ..data.pairs import prepare_pairs
+    Pairs are read lazily with the model's OpenCLIP transform and tokenizer, and
+    unusable ones (empty captions, images ``helip embed`` could not read) are
+    left out of sampling (``helip.data.training``). The hard pairs are checked
+    against the dataset's fingerprint before any expensive work.
+    """
+    from ..data.sources import data_config_from_args, open_pairs
+    from ..data.training import build_training_data
+    from ..mining import load_hard_pairs
     from ..models import load_model
 
-    lm = load_model(args.model, args.pretrained, device=args.device)
-    return lm, prepare_pairs(split.images, split.captions, lm)
+    source = open_pairs(data_config_from_args(args), progress=False)
+    hard = load_hard_pairs(Path(hard_pairs), source.fingerprint()) if hard_pairs else None
+    lm = load_model(args.model, args.pretrained, device="cpu")  # only for its transform and tokenizer
+    data = build_training_data(source, lm.preprocess, lm.tokenizer, hard, getattr(args, "max_bad_fraction", 0.01))
+    return data.dataset, data.hard
 
 
 def cmd_demo(args) -> None:
@@ -55,9 +59,9 @@ def cmd_pretrain(args) -> None:
     from ..training import TrainConfig, train
 
     args.pretrained = None
-    _, pairs = _model_and_pairs(args, _world_split(args))
+    pairs, _ = _training_data(args)
     cfg = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=args.warmup_steps, seed=args.seed, hard_per_target=0)
+                      warmup_steps=args.warmup_steps, seed=args.seed, hard_per_target=0, device=args.device)
     res = train(cfg, pairs, Path(args.out))
     print(f"wrote {res.checkpoint}")
 
@@ -69,6 +73,14 @@ def cmd_embed(args) -> None:
     from ..embed import EmbedConfig, build_encoders, embed_source
     from ..models import load_model
 
+    from ..training.distributed import auto_device
+
+    args.device = auto_device(args.device)
+    need_model = not (args.text_encoder and args.image_encoder)
+    if need_model and not args.model:
+        raise ConfigError("pass --model: the OpenCLIP model name or JSON config whose towers encode the pairs "
+                          "(e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k), or both --text-encoder and "
+                          "--image-encoder.")
     cfg = EmbedConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype, chunk_size=args.chunk_size,
                       workers=args.workers, max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress)
     cfg.validate()
@@ -76,7 +88,6 @@ def cmd_embed(args) -> None:
     if args.device == "cuda" and "LOCAL_RANK" in os.environ:
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
     source = open_pairs(data_config_from_args(args), progress=cfg.progress)  # bad --data fails before the model loads
-    need_model = not (args.text_encoder and args.image_encoder)
     lm = load_model(args.model, args.pretrained, device=cfg.device) if need_model else None
     encoders = build_encoders(lm, cfg.device, text_encoder=args.text_encoder, image_encoder=args.image_encoder,
                               image_encoder_weights=args.image_encoder_weights, pretrained=args.pretrained)
@@ -92,6 +103,9 @@ def cmd_mine(args) -> None:
     from ..embed import load_embeddings, load_skipped
     from ..mining import MineConfig, mine_hard_pairs, write_csv
 
+    from ..training.distributed import auto_device
+
+    args.device = auto_device(args.device)
     img, txt, meta = load_embeddings(Path(args.embeddings))
     skipped = load_skipped(Path(args.embeddings))  # unusable pairs: never targets, never hard pairs
     cfg = MineConfig(**{name: getattr(args, name) for name in MineConfig.__dataclass_fields__ if hasattr(args, name)})
@@ -123,30 +137,15 @@ def _init_distributed(device: str) -> int:
 
 
 def cmd_train(args) -> None:
-    from ..io import fingerprint
-    from ..mining import load_hard_pairs
     from ..slip import SlipConfig
     from ..training import TrainConfig, check_fresh_out_dir, train
+    from ..training.distributed import auto_device
 
     if args.resume is None:
         check_fresh_out_dir(Path(args.out))
+    args.device = auto_device(args.device)
     _init_distributed(args.device)
-    if args.data == "world":  # in memory, preprocessed once (the demo's path)
-        split = _world_split(args)
-        # check the hard pairs belong to this dataset before any expensive work
-        hard = load_hard_pairs(Path(args.hard_pairs), fingerprint(split.captions)) if args.hard_pairs else None
-        _, pairs = _model_and_pairs(argparse.Namespace(**{**vars(args), "device": "cpu"}), split)
-    else:  # CSV/TSV, JSONL, shards: read lazily, unusable pairs never sampled (helip.data.training)
-        from ..data.sources import data_config_from_args, open_pairs
-        from ..data.training import build_training_data
-        from ..models import load_model
-
-        source = open_pairs(data_config_from_args(args), progress=False)
-        hard = load_hard_pairs(Path(args.hard_pairs), source.fingerprint()) if args.hard_pairs else None
-        lm = load_model(args.model, args.pretrained, device="cpu")  # only for its transform and tokenizer
-        data = build_training_data(source, lm.preprocess, lm.tokenizer, hard, args.max_bad_fraction)
-        del lm
-        pairs, hard = data.dataset, data.hard
+    pairs, hard = _training_data(args, args.hard_pairs)
     cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
@@ -204,13 +203,16 @@ def cmd_report(args) -> None:
 
 
 def _add_world(p: argparse.ArgumentParser, model=True) -> None:
+    from .demo import DemoConfig
+
     p.add_argument("--data", default="world", help="dataset: 'world' (the built-in world)")
     p.add_argument("--n-train", type=int, default=20000, help="pairs in the built-in world's training split")
     p.add_argument("--world-seed", type=int, default=0)
     if model:
-        p.add_argument("--model", default="helip-tiny-vit", help="OpenCLIP model name or JSON model config path")
+        p.add_argument("--model", default=DemoConfig().pretrain.model,
+                       help="OpenCLIP model name or JSON model config path (default: the demo's)")
         p.add_argument("--pretrained", default=None, help="checkpoint file or OpenCLIP pretrained tag")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,14 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the demo's models with CLIP's loss or SLIP's (CLIP + SimCLR)")
     p.set_defaults(func=cmd_demo)
 
+    from .demo import DemoConfig
+
+    dp = DemoConfig().pretrain  # the demo's own values
     p = sub.add_parser("pretrain", help="train the demo's starting model from scratch on the built-in world")
     _add_world(p)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=dp.steps)
+    p.add_argument("--batch-size", type=int, default=dp.batch_size)
+    p.add_argument("--lr", type=float, default=dp.lr)
+    p.add_argument("--warmup-steps", type=int, default=dp.warmup_steps)
+    p.add_argument("--seed", type=int, default=dp.seed)
     p.set_defaults(func=cmd_pretrain)
 
     from ..data.sources import add_data_arguments
@@ -243,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = EmbedConfig()
     p = sub.add_parser("embed", help="encode every pair with the model's two towers (or external encoders)")
     add_data_arguments(p)
-    p.add_argument("--model", default="helip-tiny-vit", help="OpenCLIP model name or JSON model config path")
+    p.add_argument("--model", default=None, help="OpenCLIP model name or JSON model config path, e.g. ViT-B-32 "
+                                                 "(required unless both external encoders are given)")
     p.add_argument("--pretrained", default=None,
                    help="checkpoint file (OpenCLIP or open_clip_train epoch_N.pt) or OpenCLIP pretrained tag")
     p.add_argument("--text-encoder", default=None, help="sentence-transformers model (path or name) as text tower")
@@ -255,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=e.chunk_size, help="pairs per resumable chunk")
     p.add_argument("--workers", type=int, default=e.workers, help="DataLoader processes decoding images")
     p.add_argument("--dtype", default=e.dtype, choices=("float16", "float32"))
-    p.add_argument("--device", default=e.device)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
 
@@ -272,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dup-threshold", type=float, default=m.dup_threshold)
     p.add_argument("--min-similarity", type=float, default=m.min_similarity)
     p.add_argument("--block-size", type=int, default=m.block_size)
-    p.add_argument("--device", default=m.device)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default=m.precision, choices=("auto", "fp32", "fp16", "bf16"),
                    help="exact mode's similarity matmuls; low precision is re-scored in fp32 and certified "
                         "exact (auto: fp16 on GPU, fp32 on CPU)")
@@ -293,14 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = sub.add_parser("train", help="continue training with hard-pair batches and HNML")
     add_data_arguments(p)
-    p.add_argument("--model", default="helip-tiny-vit", help="OpenCLIP model name or JSON model config path")
+    p.add_argument("--model", required=True, help="OpenCLIP model name or JSON model config path, e.g. ViT-B-32")
     p.add_argument("--pretrained", default=None, help="checkpoint file or OpenCLIP pretrained tag")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--hard-pairs", default=None, help="hard-pairs directory; omit for random batches")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate (default %(default)s: continued training of a pretrained checkpoint; "
+                        "a model trained from scratch, like the demo's, wants far more, e.g. 1e-3)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--hard-per-target", type=int, default=d.hard_per_target)

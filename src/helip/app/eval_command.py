@@ -21,8 +21,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     d, pc = SuiteConfig(), ProbeConfig()
     g = p.add_argument_group("models (give --pretrained once per checkpoint)")
     g.add_argument("--model", action="append", default=None,
-                   help="OpenCLIP model name or JSON config; once for all checkpoints or once per --pretrained "
-                        "(default helip-tiny-vit)")
+                   help="OpenCLIP model name or JSON config (e.g. ViT-B-32; helip-tiny-vit for the demo's "
+                        "checkpoints); once for all checkpoints or once per --pretrained")
     g.add_argument("--pretrained", action="append", default=None,
                    help="checkpoint file or OpenCLIP pretrained tag (repeat for several)")
     g.add_argument("--name", action="append", default=None, help="variant name per --pretrained (default: derived)")
@@ -59,7 +59,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n-val", type=int, default=2000)
     g.add_argument("--n-test", type=int, default=3000)
     p.add_argument("--out", required=True, help="results.json path")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when present)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: cuda when present, else cpu)")
 
 
 def resolve_device(device: str) -> str:
@@ -94,7 +94,10 @@ def model_specs(args) -> List[ModelSpec]:
     pretrained = args.pretrained or []
     if not pretrained:
         raise ConfigError("give at least one --pretrained checkpoint (or --checkpoints FILE).")
-    models = args.model or ["helip-tiny-vit"]
+    if not args.model:
+        raise ConfigError("give --model: the OpenCLIP model name or JSON config of the checkpoints (e.g. ViT-B-32; "
+                          "helip-tiny-vit for the demo's), once for all or once per --pretrained.")
+    models = args.model
     if len(models) == 1:
         models = models * len(pretrained)
     if len(models) != len(pretrained):

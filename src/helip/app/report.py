@@ -14,14 +14,19 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
+from ..errors import ConfigError
+from ..io import save_text, save_with
+
+try:
+    import matplotlib
+except ImportError as e:  # the application extra; the library does without it
+    raise ConfigError(f"the report's plots need matplotlib ({e}); install helip's application extra: "
+                      f"pip install 'helip[app]'.") from e
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from ..io import save_text, save_with  # noqa: E402
 
 log = logging.getLogger(__name__)
 

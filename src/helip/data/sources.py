@@ -470,8 +470,9 @@ class PairDataset(_TorchDataset):
 def add_data_arguments(p, world: bool = True) -> None:
     """The ``--data`` options, shared by the commands that read a dataset."""
     d = DataConfig()
-    p.add_argument("--data", default=d.data,
-                   help="'world' (built-in), a .csv/.tsv or .jsonl file, or WebDataset shards 'dir/{00000..00331}.tar'")
+    p.add_argument("--data", required=True,
+                   help="a .csv/.tsv or .jsonl file, WebDataset shards 'dir/{00000..00331}.tar', or 'world' (the "
+                        "demo's built-in world)")
     p.add_argument("--csv-img-key", default=d.csv_img_key, help="CSV/TSV column of image paths (OpenCLIP's name)")
     p.add_argument("--csv-caption-key", default=d.csv_caption_key, help="CSV/TSV column of captions")
     p.add_argument("--csv-separator", default=d.csv_separator,

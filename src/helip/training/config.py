@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import torch
 
+from .. import defaults
 from ..errors import ConfigError
-from ..models import DEMO_MODEL
 from ..sampler import TEMPERATURE_MODES
 from ..slip import SlipConfig
 
@@ -25,28 +25,24 @@ class TrainConfig:
     ``batch_size * accum_steps * world_size`` samples.
     """
 
-    model: str = DEMO_MODEL
+    model: Optional[str] = None      # OpenCLIP model name or JSON config (or pass train(model=...) an object)
     pretrained: Optional[str] = None
     steps: int = 300
     batch_size: int = 128
-    lr: float = 1e-3  # chosen on the demo world's validation split; real checkpoints want ~1e-5..1e-4
+    lr: float = defaults.LR          # continued training of a real checkpoint; the demo sets its own
     weight_decay: float = 0.1
     warmup_steps: int = 20
     seed: int = 0
-    hard_per_target: int = 1
-    hard_fraction: float = 1.0       # share of a batch's places in target+partner groups (rest: lone targets)
-    top_k: int = 50
-    # partners drawn by mining score over the top_k (helip.sampler), T's unit by the mode: "relative" the median
-    # over targets of a target's top-k score spread s_1 - s_k (scale-free), "per_target" each target's own spread,
-    # "absolute" score units; T = 0: uniform (the paper's draw). Relative 0.05 is the absolute 0.01 measured on the
-    # built-in world (median spread 0.200: the same partner in 99.95% of draws), chosen on validation
-    # (benchmarks/results/bench_quality_steps700_rel.md)
-    hard_temperature: float = 0.05
-    hard_temperature_mode: str = "relative"
+    # HELIP's batches and loss: helip.defaults holds the values and says what they mean
+    hard_per_target: int = defaults.HARD_PER_TARGET
+    hard_fraction: float = defaults.HARD_FRACTION
+    top_k: int = defaults.TOP_K
+    hard_temperature: float = defaults.HARD_TEMPERATURE
+    hard_temperature_mode: str = defaults.HARD_TEMPERATURE_MODE
     remine_every: int = 0            # re-mine the hard pairs with the current model every N epochs (0: never)
-    hnml_weight: float = 1.0
-    hnml_margin: float = 0.2
-    device: str = "cpu"
+    hnml_weight: float = defaults.HNML_WEIGHT
+    hnml_margin: float = defaults.HNML_MARGIN
+    device: str = "auto"             # auto: CUDA when present, else the CPU
     log_every: int = 10
     progress: bool = True
     objective: str = "clip"          # "clip": OpenCLIP's ClipLoss; "slip": SLIP's CLIP + SimCLR loss (helip.slip)

@@ -50,7 +50,8 @@ from ..io import save_json, save_torch
 from ..mining.store import HardPairs
 from ..models import load_model, save_checkpoint
 from ..sampler import HardPairBatchSampler
-from .checkpoint import check_compatible, checkpoint_path, list_checkpoints, prune_log, resume_path
+from .checkpoint import check_compatible, check_fresh_out_dir, checkpoint_path, list_checkpoints, prune_log, \
+    resume_path
 from .config import TrainConfig, TrainResult
 from .distributed import dist_info, loader_seed, resolve_device
 from .hooks import TrainHook
@@ -72,17 +73,25 @@ def _tensorboard(out_dir: Path):
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = None,
-          on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[int], None]] = None, model: Optional[torch.nn.Module] = None,
+          overwrite: bool = False) -> TrainResult:
     """Train until ``cfg.steps`` optimiser steps; write ``model.pt``, ``train_log.jsonl``, ``train_config.json``.
 
     ``pairs`` is helip's in-memory ``PairTensors`` or any map-style Dataset of
-    ``(image, tokens)``. ``model.pt`` is a plain state dict:
-    ``open_clip.create_model(cfg.model, pretrained=path)`` loads it. Resumable
-    checkpoints go to ``out_dir/checkpoints/step_N.pt`` (every ``save_every``
-    steps and at the end). ``on_step(step)`` is called after every step and
-    its checkpoint (tests use it to simulate a kill).
+    ``(image, tokens)``. The model is ``model`` (an OpenCLIP model object,
+    trained in place) or else built from ``cfg.model``/``cfg.pretrained``.
+    ``model.pt`` is a plain state dict: ``open_clip.create_model(cfg.model,
+    pretrained=path)`` loads it. Resumable checkpoints go to
+    ``out_dir/checkpoints/step_N.pt`` (every ``save_every`` steps and at the
+    end). A fresh run (``cfg.resume`` None) refuses an ``out_dir`` that holds
+    an earlier run's checkpoints unless ``overwrite``, which deletes them.
+    ``on_step(step)`` is called after every step and its checkpoint (tests use
+    it to simulate a kill).
     """
     cfg.validate()
+    if model is None and not cfg.model:
+        raise ConfigError("no model to train: set TrainConfig.model (an OpenCLIP model name or JSON config, "
+                          "e.g. ViT-B-32) or pass train(model=...) an OpenCLIP model.")
     out_dir = Path(out_dir)
     info = dist_info()
     device = resolve_device(cfg.device, info)
@@ -100,10 +109,12 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
         hooks.append(Remining(cfg.remine_every, hard, out_dir, device, cfg.batch_size, cfg.workers, cfg.progress))
     tb = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
     resume_from = resume_path(cfg.resume, out_dir)
+    if resume_from is None and not overwrite:
+        check_fresh_out_dir(out_dir)  # as the CLI: an earlier run's checkpoints are never deleted unasked
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            for _, p in list_checkpoints(out_dir):  # a fresh run replaces an earlier run's outputs
+            for _, p in list_checkpoints(out_dir):  # overwrite: a fresh run replaces an earlier run's outputs
                 log.warning("fresh run: removing %s of an earlier run", p)
                 p.unlink()
             shutil.rmtree(out_dir / REMINED_DIR, ignore_errors=True)
@@ -112,17 +123,17 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
 
     # model, batches, optimiser
     torch.manual_seed(cfg.seed)
-    lm = load_model(cfg.model, cfg.pretrained, device=device)
-    sampler = HardPairBatchSampler(
-        hard.indices if use_hard else None, cfg.batch_size, cfg.hard_per_target if use_hard else 0,
-        cfg.top_k, num_replicas=info.world_size, rank=info.rank, seed=cfg.seed, num_samples=n, drop_last=True,
-        hard_fraction=cfg.hard_fraction, hard_scores=hard.scores if use_hard else None,
-        hard_temperature=cfg.hard_temperature, temperature_mode=cfg.hard_temperature_mode)
+    model = load_model(cfg.model, cfg.pretrained, device=device).model if model is None else model.to(device)
+    sampler = HardPairBatchSampler.from_hard_pairs(
+        hard if use_hard else None, cfg.batch_size, hard_per_target=cfg.hard_per_target, top_k=cfg.top_k,
+        hard_fraction=cfg.hard_fraction, hard_temperature=cfg.hard_temperature,
+        temperature_mode=cfg.hard_temperature_mode, num_replicas=info.world_size, rank=info.rank, seed=cfg.seed,
+        drop_last=True, num_samples=n)
     steps_per_epoch = len(sampler) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch of {len(sampler)} batches per rank cannot fill one step of "
                           f"{cfg.accum_steps} micro-batches; lower --accum-steps or --batch-size.")
-    trainer = Trainer(lm.model, cfg, device, info, hard.indices if use_hard and cfg.hnml_weight > 0 else None)
+    trainer = Trainer(model, cfg, device, info, hard.indices if use_hard and cfg.hnml_weight > 0 else None)
     run_extra = {"world_size": info.world_size, "num_samples": n,
                  "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None}
 
