@@ -68,19 +68,22 @@ def test_train_with_hard_pairs_of_another_dataset(tmp_path, capsys):
     _embeddings(tmp_path / "emb", n_img=40, n_txt=40)
     assert main(["mine", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "hp"), "--k", "3"]) == 0
     capsys.readouterr()
-    err = _run_error(capsys, ["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "40", "--hard-pairs", str(tmp_path / "hp"), "--steps", "1",
+    err = _run_error(capsys, ["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "40",
+                              "--hard-pairs", str(tmp_path / "hp"), "--steps", "1",
                               "--batch-size", "8", "--out", str(tmp_path / "run")])
     assert "another dataset" in err
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
 def test_unknown_model(tmp_path, capsys):
-    err = _run_error(capsys, ["embed", "--data", "world", "--model", "no-such-model", "--n-train", "10", "--out", str(tmp_path / "e")])
+    err = _run_error(capsys, ["embed", "--data", "world", "--model", "no-such-model", "--n-train", "10", "--out",
+                              str(tmp_path / "e")])
     assert "no-such-model" in err
 
 
 def test_missing_checkpoint(tmp_path, capsys):
-    err = _run_error(capsys, ["embed", "--data", "world", "--model", "helip-tiny-vit", "--pretrained", str(tmp_path / "missing.pt"), "--n-train", "10",
+    err = _run_error(capsys, ["embed", "--data", "world", "--model", "helip-tiny-vit", "--pretrained",
+                              str(tmp_path / "missing.pt"), "--n-train", "10",
                               "--out", str(tmp_path / "e")])
     assert "missing.pt" in err
 

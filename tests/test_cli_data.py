@@ -23,14 +23,16 @@ def data(tmp_path):
 
 
 def test_missing_shard(tmp_path, capsys, data):
-    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "shards" / "{00000..00003}.tar"),
+    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data",
+                              str(data / "shards" / "{00000..00003}.tar"),
                               "--out", str(tmp_path / "e")])
     assert "00002.tar does not exist" in err and "2 of the 4 shards" in err
     assert not (tmp_path / "e").exists()
 
 
 def test_csv_without_the_named_columns(tmp_path, capsys, data):
-    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "pairs.tsv"), "--csv-img-key", "image",
+    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "pairs.tsv"),
+                              "--csv-img-key", "image",
                               "--out", str(tmp_path / "e")])
     assert "no column 'image'" in err and "--csv-img-key" in err and "title, filepath" in err
     assert not (tmp_path / "e").exists()
@@ -43,16 +45,19 @@ def test_unknown_model_with_real_data(tmp_path, capsys, data):
 
 
 def test_unknown_data_kind_and_malformed_jsonl(tmp_path, capsys, data):
-    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "pairs.parquet"), "--out", str(tmp_path / "e")])
+    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "pairs.parquet"), "--out",
+                              str(tmp_path / "e")])
     assert "--data" in err and ".jsonl" in err
     (data / "bad.jsonl").write_text('{"image": "img/000.png", "caption": "ok"}\n{"image": "img/001.png"}\n')
-    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "bad.jsonl"), "--out", str(tmp_path / "e")])
+    err = _run_error(capsys, ["embed", "--model", "helip-tiny-vit", "--data", str(data / "bad.jsonl"), "--out",
+                              str(tmp_path / "e")])
     assert "bad.jsonl:2" in err and "'caption'" in err
 
 
 def test_hard_pairs_of_another_dataset_are_refused(tmp_path, capsys, data):
     # hard pairs mined on the TSV's pairs, checked against a dataset with other captions
-    assert main(["embed", "--model", "helip-tiny-vit", "--data", str(data / "pairs.tsv"), "--out", str(tmp_path / "e"), "--no-progress"]) == 0
+    assert main(["embed", "--model", "helip-tiny-vit", "--data", str(data / "pairs.tsv"), "--out",
+                 str(tmp_path / "e"), "--no-progress"]) == 0
     assert main(["mine", "--embeddings", str(tmp_path / "e"), "--out", str(tmp_path / "hp"), "--k", "2"]) == 0
     from helip.mining import load_hard_pairs
 

@@ -77,12 +77,14 @@ def test_shard_with_a_corrupt_image_and_an_empty_caption_reports_two_skipped(tmp
     root = write_dataset(tmp_path / "d", captions=caps, shards=1, corrupt={9})
     shard = str(root / "shards" / "{00000..00000}.tar")
     # default --max-bad-fraction 0.01: 2 of 12 is too many, one clear line and exit 2
-    assert main(["embed", "--model", "helip-tiny-vit", "--data", shard, "--out", str(tmp_path / "e0"), "--batch-size", "4", "--no-progress"]) == 2
+    assert main(["embed", "--model", "helip-tiny-vit", "--data", shard, "--out", str(tmp_path / "e0"),
+                 "--batch-size", "4", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--max-bad-fraction" in err and "empty caption" in err
     assert not (tmp_path / "e0" / "meta.json").exists()
 
-    assert main(["embed", "--model", "helip-tiny-vit", "--data", shard, "--out", str(tmp_path / "e"), "--batch-size", "6",
+    assert main(["embed", "--model", "helip-tiny-vit", "--data", shard, "--out", str(tmp_path / "e"), "--batch-size",
+                 "6",
                  "--max-bad-fraction", "0.2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "2 skipped: 1 empty captions, 1 unreadable images" in out
@@ -107,7 +109,8 @@ def test_embed_cli_on_csv_and_jsonl_gives_the_same_embeddings(tmp_path, lm):
     root = write_dataset(tmp_path / "d")
     ckpt = str(save_checkpoint(lm.model, tmp_path / "model.pt"))  # one model for both runs
     for name in ("pairs.tsv", "pairs.jsonl"):
-        assert main(["embed", "--model", "helip-tiny-vit", "--data", str(root / name), "--pretrained", ckpt, "--out", str(tmp_path / name),
+        assert main(["embed", "--model", "helip-tiny-vit", "--data", str(root / name), "--pretrained", ckpt, "--out",
+                     str(tmp_path / name),
                      "--no-progress"]) == 0
     a, b = (np.load(tmp_path / name / "image.npy") for name in ("pairs.tsv", "pairs.jsonl"))
     assert a.shape == (len(CAPTIONS), 64) and np.array_equal(a, b)
@@ -151,7 +154,8 @@ def test_sentence_transformers_text_encoder_from_a_local_dir(tmp_path, lm):
     pytest.importorskip("sentence_transformers")
     st_dir = _tiny_sentence_transformer(tmp_path / "model")
     root = write_dataset(tmp_path / "d")
-    assert main(["embed", "--model", "helip-tiny-vit", "--data", str(root / "pairs.jsonl"), "--text-encoder", str(st_dir),
+    assert main(["embed", "--model", "helip-tiny-vit", "--data", str(root / "pairs.jsonl"), "--text-encoder",
+                 str(st_dir),
                  "--out", str(tmp_path / "e"), "--no-progress"]) == 0
     img, txt, meta = load_embeddings(tmp_path / "e")
     assert meta["text_encoder"] == f"sentence-transformers:{st_dir}" and txt.shape == (len(CAPTIONS), 16)

@@ -36,7 +36,8 @@ def data(tmp_path_factory):
 
 def _eval(data, out, *extra, models=None):
     models = models or data
-    return main(["eval", "--model", "helip-tiny-vit", "--pretrained", str(models / "a" / "model.pt"), "--pretrained", str(models / "b" / "model.pt"),
+    return main(["eval", "--model", "helip-tiny-vit", "--pretrained", str(models / "a" / "model.pt"), "--pretrained",
+                 str(models / "b" / "model.pt"),
                  "--zeroshot", f"colours={data / 'zs_folder'}", "--zeroshot", f"colours_wds={data / 'zs_wds'}",
                  "--linear-probe", f"colours_lp={data / 'lp'}", "--retrieval", f"captions={data / 'ret' / 'captions.csv'}",
                  "--probe-c-min", "0.01", "--probe-c-max", "100", "--probe-refine-steps", "1",
@@ -118,7 +119,8 @@ def test_empty_class_folder(data, tmp_path):
 def test_classnames_length_mismatch_both_layouts(data, tmp_path, capsys):
     shutil.copytree(data / "zs_folder", tmp_path / "zs")
     (tmp_path / "zs" / "classnames.txt").write_text("red\ngreen\nblue\n")
-    rc = main(["eval", "--model", "helip-tiny-vit", "--pretrained", str(data / "a" / "model.pt"), "--zeroshot", f"x={tmp_path / 'zs'}",
+    rc = main(["eval", "--model", "helip-tiny-vit", "--pretrained", str(data / "a" / "model.pt"), "--zeroshot",
+               f"x={tmp_path / 'zs'}",
                "--out", str(tmp_path / "r.json"), "--workers", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and "has 3 class names but" in err and "6 class folders" in err and len(err.splitlines()) == 1
@@ -168,7 +170,8 @@ def test_undecodable_images_are_counted_or_refused(data, tmp_path, capsys):
     assert r["zeroshot"]["wds"]["n_skipped"] == 1 and r["zeroshot"]["wds"]["n_images"] == 23
     assert r["retrieval"]["ret"]["n_skipped"] == 1 and r["retrieval"]["ret"]["n_images"] == 11
     assert r["retrieval"]["ret"]["n_captions"] == 33 and r["retrieval"]["ret"]["n_captions_skipped"] == 3
-    rc = main(["eval", "--model", "helip-tiny-vit", "--pretrained", str(data / "a" / "model.pt"), "--zeroshot", f"x={tmp_path / 'zs'}",
+    rc = main(["eval", "--model", "helip-tiny-vit", "--pretrained", str(data / "a" / "model.pt"), "--zeroshot",
+               f"x={tmp_path / 'zs'}",
                "--out", str(tmp_path / "r.json"), "--workers", "0", "--no-cache"])
     assert rc == 2 and "do not decode" in capsys.readouterr().err
 

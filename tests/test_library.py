@@ -213,3 +213,14 @@ def test_declared_dependencies_cover_the_imports():
                 assert provided_by[name] in extras[optional[name]], name
                 continue
             assert provided_by.get(name, name).lower() in allowed, f"{module} imports {name}, not declared"
+
+
+def test_report_without_the_app_extra_is_one_clear_error(monkeypatch, capsys, tmp_path):
+    from helip.app.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as in an install without helip[app]
+    monkeypatch.delitem(sys.modules, "helip.app.report", raising=False)
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["report", "--results", str(tmp_path / "results.json"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'helip[app]'" in err and len(err.strip().splitlines()) == 1

@@ -124,7 +124,8 @@ def test_slip_training_with_helip_from_the_cli(slip_demo, tmp_path, capsys):
     world = ["--n-train", "256"]   # the demo's training split, so its hard pairs fit
     slip = ["--objective", "slip", "--simclr-mlp-dim", "32", "--simclr-out-dim", "16", "--ssl-scale", "0.5"]
     run = tmp_path / "slip"
-    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", *world, "--out", str(run), "--steps", "3", "--batch-size", "32", "--top-k", "8",
+    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", *world, "--out", str(run), "--steps", "3",
+                 "--batch-size", "32", "--top-k", "8",
                  "--hard-pairs", str(out / "hard_pairs"), *slip]) == 0
     logs = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     last = logs[-1]
@@ -145,10 +146,12 @@ def test_slip_training_with_helip_from_the_cli(slip_demo, tmp_path, capsys):
 
     # bad SLIP options: one line, exit 2
     capsys.readouterr()
-    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", *world, "--out", str(tmp_path / "bad"), "--steps", "1", *slip,
+    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", *world, "--out", str(tmp_path / "bad"),
+                 "--steps", "1", *slip,
                  "--ssl-temperature", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "ssl_temperature must be positive" in err and "\n" not in err
-    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", *world, "--out", str(tmp_path / "bad"), "--steps", "1", "--objective", "slip",
+    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", *world, "--out", str(tmp_path / "bad"),
+                 "--steps", "1", "--objective", "slip",
                  "--slip-head", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err

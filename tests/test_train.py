@@ -279,7 +279,8 @@ def test_two_process_gloo_run_follows_the_sampler_partition(tmp_path, tiny):
 
 
 def test_cli_train_refuses_a_used_out_dir_and_resumes(tmp_path, capsys):
-    args = ["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out", str(tmp_path), "--batch-size", "32", "--warmup-steps", "1",
+    args = ["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out", str(tmp_path),
+            "--batch-size", "32", "--warmup-steps", "1",
             "--save-every", "1", "--precision", "bf16"]
     assert main([*args, "--steps", "1"]) == 0
     assert main([*args, "--steps", "1"]) == 2
@@ -288,7 +289,8 @@ def test_cli_train_refuses_a_used_out_dir_and_resumes(tmp_path, capsys):
     assert "resumed from step 1" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "train_config.json").read_text())
     assert cfg["precision_used"] == "fp32" and cfg["resumed_from_step"] == 1
-    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out", str(tmp_path / "x"), "--accum-steps", "0"]) == 2
+    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out",
+                 str(tmp_path / "x"), "--accum-steps", "0"]) == 2
     assert "accum_steps must be at least 1" in capsys.readouterr().err
 
 
@@ -298,7 +300,8 @@ def test_cli_tensorboard_without_the_package_is_one_clear_error(tmp_path, capsys
         pytest.skip("tensorboard is installed here")
     except ImportError:
         pass
-    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out", str(tmp_path), "--steps", "1", "--batch-size", "32",
+    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out", str(tmp_path),
+                 "--steps", "1", "--batch-size", "32",
                  "--tensorboard"]) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
 

@@ -48,7 +48,8 @@ def test_train_on_a_csv_with_hard_pairs_never_samples_unusable_pairs(mined, monk
 
     monkeypatch.setattr(PairDataset, "__getitem__", spy)
     out = tmp / "run"
-    assert main(["train", "--model", "helip-tiny-vit", "--data", csv, "--hard-pairs", str(tmp / "hp"), "--out", str(out), "--steps", "3",
+    assert main(["train", "--model", "helip-tiny-vit", "--data", csv, "--hard-pairs", str(tmp / "hp"), "--out",
+                 str(out), "--steps", "3",
                  "--batch-size", "8", "--hard-per-target", "1", "--top-k", "4", "--warmup-steps", "1",
                  "--log-every", "1", "--max-bad-fraction", "0.2"]) == 0
     assert "wrote" in capsys.readouterr().out and (out / "model.pt").is_file()
@@ -84,7 +85,8 @@ def test_restricted_hard_pairs_keep_partners_and_every_sampler_draw_is_usable(mi
 def test_hard_pairs_of_another_dataset_exit_2_with_one_line(mined, tmp_path, capsys):
     tmp, _, _ = mined
     other = write_dataset(tmp_path / "other", captions=_captions(24)[::-1], shards=1)
-    rc = main(["train", "--model", "helip-tiny-vit", "--data", str(other / "pairs.jsonl"), "--hard-pairs", str(tmp / "hp"),
+    rc = main(["train", "--model", "helip-tiny-vit", "--data", str(other / "pairs.jsonl"), "--hard-pairs",
+               str(tmp / "hp"),
                "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "8"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "another dataset" in err and "helip embed" in err

@@ -84,7 +84,8 @@ def test_remining_needs_hard_pairs_mined_by_helip(tmp_path, tiny, capsys):
         TrainConfig(remine_every=-1).validate()
     with pytest.raises(ConfigError, match="hard_temperature"):
         TrainConfig(hard_temperature=-0.1).validate()
-    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out", str(tmp_path / "cli"), "--batch-size", "32",
+    assert main(["train", "--data", "world", "--model", "helip-tiny-vit", "--n-train", "64", "--out",
+                 str(tmp_path / "cli"), "--batch-size", "32",
                  "--remine-every", "1"]) == 2
     assert "--remine-every" in capsys.readouterr().err
 

@@ -50,7 +50,8 @@ def check_fresh_out_dir(out_dir: Path) -> None:
     found = list_checkpoints(out_dir)
     if found:
         raise ConfigError(f"{out_dir} holds checkpoints of an earlier run (latest: step {found[-1][0]}); "
-                          f"pass --resume auto to continue it, or choose another --out.")
+                          f"pass --resume auto to continue it, or choose another --out (from Python: "
+                          f"TrainConfig(resume='auto'), or train(..., overwrite=True) to replace it).")
 
 
 def resume_path(resume: Optional[str], out_dir: Path) -> Optional[Path]:
