@@ -124,6 +124,6 @@ def trained_checkpoint(out: Path, steps: int = 6, seed: int = 0) -> Path:
     images = np.stack([np.asarray(image(c, rng)) for c in colours])
     captions = [f"a {c} {shapes[i % len(shapes)]}" for i, c in enumerate(colours)]
     pairs = prepare_pairs(images, captions, load_model("helip-tiny-vit"))
-    cfg = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=5, seed=seed, hard_per_target=0,
-                      hnml_weight=0.0, progress=False, log_every=steps)
+    cfg = TrainConfig(model="helip-tiny-vit", device="cpu", steps=steps, batch_size=32, lr=2e-3, warmup_steps=5,
+                      seed=seed, hard_per_target=0, hnml_weight=0.0, progress=False, log_every=steps)
     return train(cfg, pairs, out).checkpoint

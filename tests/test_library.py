@@ -30,12 +30,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def recipe_code() -> str:
-    """The Python block under the test marker of docs/library.md."""
-    text = DOC.read_text()
-    m = re.search(r"<!-- tests/test_library\.py runs this block[^>]*-->\s*```python\n(.*?)```", text, re.S)
-    assert m, "docs/library.md lost its tested recipe block"
-    return m.group(1)
+def recipe_code(path: Path = DOC):
+    """The Python block under the test marker (``<!-- tests/test_library.py runs this block ... -->``)."""
+    m = re.search(r"<!-- tests/test_library\.py runs this block[^>]*-->\s*```python\n(.*?)```", path.read_text(), re.S)
+    return m.group(1) if m else None
+
+
+def test_readme_recipe_is_the_tested_one():
+    """A copy of the recipe in the README (under the same marker) must be the block the test below runs."""
+    assert recipe_code() is not None, "docs/library.md lost its tested recipe block"
+    readme = recipe_code(ROOT / "README.md")
+    assert readme is None or readme == recipe_code()
 
 
 class Recording(TensorPairs):
