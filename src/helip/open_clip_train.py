@@ -239,7 +239,7 @@ def helip_loss(args, stock_create_loss, opts: HelipOptions, hard: HardPairs, reg
 
 # ----------------------------------------------------------------------------- entry point
 
-def check_open_clip_args(argv: List[str]) -> None:
+def check_open_clip_args(argv: List[str]):
     """Refuse what the plug-in cannot do before open_clip_train builds its model."""
     from open_clip_train.data import get_csv_dataset, get_dataset_fn
     from open_clip_train.params import parse_args
@@ -255,6 +255,21 @@ def check_open_clip_args(argv: List[str]) -> None:
         raise ConfigError(f"--helip-hard-pairs needs CSV/TSV --train-data (--dataset-type csv); "
                           f"{args.train_data} ({args.dataset_type}) is read as a stream, which cannot place each "
                           f"target beside its hard partners.")
+    if args.siglip or args.distill_model or "coca" in args.model.lower():
+        raise ConfigError("--helip-hard-pairs works with open_clip_train's CLIP loss; drop --siglip / "
+                          "--distill-model, or use a non-CoCa model.")
+    return args
+
+
+def read_captions(args) -> List[str]:
+    """The caption column of open_clip_train's CSV, read as its ``CsvDataset`` reads it."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(args.train_data, sep=args.csv_separator, usecols=[args.csv_caption_key])[
+            args.csv_caption_key].tolist()
+    except (OSError, ValueError) as e:
+        raise InputError(f"--train-data {args.train_data}: {str(e).splitlines()[0]}") from None
 
 
 def run(argv: List[str], opts: HelipOptions):
@@ -262,10 +277,12 @@ def run(argv: List[str], opts: HelipOptions):
     import open_clip_train.main as octm
 
     check_open_clip_version()
-    check_open_clip_args(argv)
+    args = check_open_clip_args(argv)
     if opts.hard_per_target < 1:
         raise ConfigError("--helip-hard-per-target must be at least 1 (omit --helip-hard-pairs for random batches).")
     hard = load_hard_pairs(opts.hard_pairs)
+    # before open_clip_train builds the model (which can take minutes), and again on the dataset it builds
+    check_hard_pairs_fit(hard, read_captions(args), args.train_data, opts.hard_pairs)
     stock_get_data, stock_create_loss = octm.get_data, octm.create_loss
     register = BatchIndices(1)
 
