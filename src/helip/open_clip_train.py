@@ -72,7 +72,7 @@ class HelipOptions:
     hnml_margin: float = 0.2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def helip_parser() -> argparse.ArgumentParser:
     d = HelipOptions()
     p = argparse.ArgumentParser(
         prog="python -m helip.open_clip_train", add_help=False, allow_abbrev=False,
@@ -81,19 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--helip-hard-pairs", dest="hard_pairs", default=None, metavar="DIR",
                    help="hard-pairs directory from `helip mine` for the --train-data CSV (same rows, same order); "
                         "omit to run open_clip_train unchanged")
-    p.add_argument("--helip-hard-per-target", dest="hard_per_target", type=int, default=d.hard_per_target,
+    p.add_argument("--helip-hard-per-target", dest="hard_per_target", metavar="N", type=int, default=d.hard_per_target,
                    help="hard partners placed beside each target (default %(default)s)")
-    p.add_argument("--helip-top-k", dest="top_k", type=int, default=d.top_k,
+    p.add_argument("--helip-top-k", dest="top_k", metavar="K", type=int, default=d.top_k,
                    help="partners are drawn from the first K of each list (default %(default)s)")
-    p.add_argument("--helip-hard-fraction", dest="hard_fraction", type=float, default=d.hard_fraction,
+    p.add_argument("--helip-hard-fraction", dest="hard_fraction", metavar="F", type=float, default=d.hard_fraction,
                    help="share of each batch in target+partner groups, the rest lone targets (default %(default)s)")
-    p.add_argument("--helip-hard-temperature", dest="hard_temperature", type=float, default=d.hard_temperature,
+    p.add_argument("--helip-hard-temperature", dest="hard_temperature", metavar="T", type=float, default=d.hard_temperature,
                    help="draw partners by mining score (0: uniformly; default %(default)s)")
     p.add_argument("--helip-hard-temperature-mode", dest="hard_temperature_mode", choices=TEMPERATURE_MODES,
                    default=d.hard_temperature_mode, help="unit of the temperature (default %(default)s)")
-    p.add_argument("--helip-hnml-weight", dest="hnml_weight", type=float, default=d.hnml_weight,
+    p.add_argument("--helip-hnml-weight", dest="hnml_weight", metavar="W", type=float, default=d.hnml_weight,
                    help="weight of the Hard Negative Margin Loss (0: hard-pair batches only; default %(default)s)")
-    p.add_argument("--helip-hnml-margin", dest="hnml_margin", type=float, default=d.hnml_margin,
+    p.add_argument("--helip-hnml-margin", dest="hnml_margin", metavar="M", type=float, default=d.hnml_margin,
                    help="margin of the Hard Negative Margin Loss (default %(default)s)")
     return p
 
@@ -305,7 +305,7 @@ def run(argv: List[str], opts: HelipOptions):
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = helip_parser()
     if "-h" in argv or "--help" in argv:
         parser.print_help()
         print("\nopen_clip_train's flags:\n")
