@@ -36,6 +36,14 @@ def _write(root, n, seed=0):
             path = root / "img" / f"{i:03d}.png"
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
             f.write(f"{path}\t{c}\n")
+    import webdataset as wds
+
+    (root / "shards").mkdir()
+    for s in range(2):  # the same pairs, in the same order, as two WebDataset shards
+        with wds.TarWriter(str(root / "shards" / f"{s:05d}.tar")) as sink:
+            for i in range(s * n // 2, (s + 1) * n // 2):
+                sink.write({"__key__": f"{i:09d}", "png": (root / "img" / f"{i:03d}.png").read_bytes(),
+                            "txt": caps[i]})
     return caps
 
 
@@ -121,6 +129,15 @@ def _same_weights(a, b, atol=1e-6):
     assert worst <= atol, worst
 
 
+@pytest.fixture()
+def one_thread():
+    """helip train in this process with one thread, like the open_clip_train subprocesses (tiny model)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def helip_run(data):
     """Two epochs through the plug-in (a checkpoint after each)."""
@@ -129,7 +146,7 @@ def helip_run(data):
     return data / "logs" / "helip"
 
 
-def test_plugin_trains_as_helip_train(data, helip_run, tmp_path):
+def test_plugin_trains_as_helip_train(data, helip_run, tmp_path, one_thread):
     from helip.cli import main
 
     steps = 2 * N // (BATCH // 2)  # one target + one partner per group: an epoch is N / (B/2) batches
@@ -168,7 +185,18 @@ def test_resume_latest_continues_an_interrupted_run(data, helip_run):
     _same_weights(_weights(ckpts / "epoch_2.pt"), _weights(helip_run / "checkpoints" / "epoch_2.pt"))
 
 
-def test_accum_freq_sees_the_partners_of_all_micro_batches(data, tmp_path):
+def test_webdataset_shards_give_the_csv_batches(data, helip_run):
+    """The same pairs as shards (read by index, not streamed): the same batches, losses and weights."""
+    argv = _argv(data, "wds", epochs=2, extra=["--helip-hard-pairs", str(data / "hp"), "--dataset-type", "webdataset"])
+    argv[argv.index("--train-data") + 1] = str(data / "shards" / "{00000..00001}.tar")
+    r = _octrain(argv)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(data / "logs" / "wds") == _losses(helip_run)
+    _same_weights(_weights(data / "logs" / "wds" / "checkpoints" / "epoch_2.pt"),
+                  _weights(helip_run / "checkpoints" / "epoch_2.pt"))
+
+
+def test_accum_freq_sees_the_partners_of_all_micro_batches(data, tmp_path, one_thread):
     """--accum-freq 2: the loss of the first step equals helip train's with --accum-steps 2 (the same 32 pairs,
     the mask spanning both micro-batches). Later steps differ: open_clip_train lets every recomputed micro-batch
     add the logit scale's gradient, helip train only the last (see helip.train.Trainer)."""
@@ -212,9 +240,12 @@ def test_refusals_are_one_line(data, monkeypatch, capsys):
     with pytest.raises(ConfigError, match=r"tested with open_clip_torch 3\.3\.0, not 9\.9\.9"):
         plug.check_open_clip_version()
     monkeypatch.undo()
-    # a WebDataset stream
-    with pytest.raises(ConfigError, match="CSV/TSV"):
-        plug.check_open_clip_args(["--train-data", str(data / "shards" / "{0..3}.tar")])
+    # synthetic data; resampled shards
+    with pytest.raises(ConfigError, match="CSV/TSV or WebDataset"):
+        plug.check_open_clip_args(["--dataset-type", "synthetic", "--train-data", "x"])
+    with pytest.raises(ConfigError, match="--dataset-resampled"):
+        plug.check_open_clip_args(["--train-data", str(data / "shards" / "{00000..00001}.tar"),
+                                   "--dataset-resampled"])
     # a HELIP option without hard pairs: exit status 2 before open_clip_train starts
     assert plug.main(["--helip-hnml-weight", "0.5", "--train-data", "x.csv"]) == 2
     err = capsys.readouterr().err.strip()

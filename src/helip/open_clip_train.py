@@ -13,7 +13,11 @@ replaced for the duration of the call, and nothing else:
   helip's ``HardPairBatchSampler`` (each target beside its hard partners, sharded
   by rank, epoch set by open_clip_train's ``DataInfo.set_epoch``). The loader
   yields open_clip_train's ``(images, texts)`` batches and, as it hands each one
-  to ``train_one_epoch``, records the batch's dataset indices.
+  to ``train_one_epoch``, records the batch's dataset indices. WebDataset
+  training shards, which open_clip_train streams, are read by index instead
+  (helip's ``ShardPairs``: an offset index of each tar) with open_clip_train's
+  training transform and tokenizer; open_clip_train still builds the rest
+  (``--val-data``, ImageNet).
 - ``create_loss``: open_clip_train's own ``create_loss`` builds its ``ClipLoss``
   (rank, world size, ``--local-loss``, ``--gather-with-grad``); helip adds the
   Hard Negative Margin Loss on the local batch, whose partner mask comes from the
@@ -27,12 +31,12 @@ Without ``--helip-hard-pairs`` (and no other ``--helip-`` flag) nothing is
 replaced: the call is ``open_clip_train.main.main(argv)``. Importing helip only
 registers helip's model configs (e.g. ``helip-tiny-vit``) with OpenCLIP.
 
-Limits (each refused with one line, exit status 2): CSV/TSV training data only
-(open_clip_train's WebDataset pipeline streams shards and cannot put a target's
-partner beside it), the CLIP objective only (not ``--siglip``, CoCa or
-distillation), and the open_clip_torch versions in ``TESTED_OPEN_CLIP`` (the two
-seams above and ``train_one_epoch``'s batch and loss contract are internals of
-open_clip_train). See docs/open_clip_train.md.
+Limits (each refused with one line, exit status 2): CSV/TSV or WebDataset
+training data (not ``synthetic``; no ``--dataset-resampled``), the CLIP
+objective only (not ``--siglip``, CoCa or distillation), and the open_clip_torch
+versions in ``TESTED_OPEN_CLIP`` (the two seams above and ``train_one_epoch``'s
+batch and loss contract are internals of open_clip_train). See
+docs/open_clip_train.md.
 """
 from __future__ import annotations
 
@@ -187,10 +191,11 @@ def check_hard_pairs_fit(hard: HardPairs, captions: Sequence[str], where: str, h
                           f"--helip-hard-pairs {hard_dir}", f"Mine hard pairs for --train-data {where}.")
 
 
-def hard_pair_data(train_info, args, opts: HelipOptions, hard: HardPairs, register: BatchIndices):
-    """open_clip_train's CSV training ``DataInfo`` -> the same dataset read in hard-pair batches."""
-    dataset = train_info.dataloader.dataset
-    check_hard_pairs_fit(hard, dataset.captions, args.train_data, opts.hard_pairs)
+def hard_pair_data(dataset, captions: Sequence[str], args, opts: HelipOptions, hard: HardPairs,
+                   register: BatchIndices):
+    """The training set (``dataset[i] -> (image, tokens)``) read in hard-pair batches, as open_clip_train's
+    ``DataInfo``."""
+    check_hard_pairs_fit(hard, captions, args.train_data, opts.hard_pairs)
     sampler = HardPairBatchSampler(
         hard.indices, args.batch_size, opts.hard_per_target, opts.top_k, num_replicas=args.world_size,
         rank=args.rank, seed=args.seed, drop_last=True, num_samples=len(dataset), hard_fraction=opts.hard_fraction,
@@ -241,7 +246,7 @@ def helip_loss(args, stock_create_loss, opts: HelipOptions, hard: HardPairs, reg
 
 def check_open_clip_args(argv: List[str]):
     """Refuse what the plug-in cannot do before open_clip_train builds its model."""
-    from open_clip_train.data import get_csv_dataset, get_dataset_fn
+    from open_clip_train.data import get_csv_dataset, get_dataset_fn, get_wds_dataset
     from open_clip_train.params import parse_args
 
     args = parse_args(argv)
@@ -251,14 +256,23 @@ def check_open_clip_args(argv: List[str]):
         kind = get_dataset_fn(args.train_data, args.dataset_type)
     except ValueError as e:
         raise ConfigError(f"--train-data {args.train_data}: {e}") from None
-    if kind is not get_csv_dataset:
-        raise ConfigError(f"--helip-hard-pairs needs CSV/TSV --train-data (--dataset-type csv); "
-                          f"{args.train_data} ({args.dataset_type}) is read as a stream, which cannot place each "
-                          f"target beside its hard partners.")
+    if kind is get_wds_dataset:
+        if args.dataset_resampled or args.train_data_upsampling_factors:
+            raise ConfigError("--helip-hard-pairs defines the training order itself (every pair once as a target "
+                              "per epoch); drop --dataset-resampled / --train-data-upsampling-factors.")
+    elif kind is not get_csv_dataset:
+        raise ConfigError(f"--helip-hard-pairs needs CSV/TSV or WebDataset --train-data, not "
+                          f"--dataset-type {args.dataset_type}.")
     if args.siglip or args.distill_model or "coca" in args.model.lower():
         raise ConfigError("--helip-hard-pairs works with open_clip_train's CLIP loss; drop --siglip / "
                           "--distill-model, or use a non-CoCa model.")
     return args
+
+
+def is_webdataset(args) -> bool:
+    from open_clip_train.data import get_dataset_fn, get_wds_dataset
+
+    return get_dataset_fn(args.train_data, args.dataset_type) is get_wds_dataset
 
 
 def read_captions(args) -> List[str]:
@@ -272,6 +286,13 @@ def read_captions(args) -> List[str]:
         raise InputError(f"--train-data {args.train_data}: {str(e).splitlines()[0]}") from None
 
 
+def open_shards(args):
+    """WebDataset shards by random access: helip's ``ShardPairs`` (an offset index of each tar, cached beside it)."""
+    from .data.sources import ShardPairs
+
+    return ShardPairs(args.train_data)
+
+
 def run(argv: List[str], opts: HelipOptions):
     """open_clip_train's ``main(argv)`` with HELIP's ``get_data`` and ``create_loss`` in place."""
     import open_clip_train.main as octm
@@ -281,16 +302,32 @@ def run(argv: List[str], opts: HelipOptions):
     if opts.hard_per_target < 1:
         raise ConfigError("--helip-hard-per-target must be at least 1 (omit --helip-hard-pairs for random batches).")
     hard = load_hard_pairs(opts.hard_pairs)
-    # before open_clip_train builds the model (which can take minutes), and again on the dataset it builds
-    check_hard_pairs_fit(hard, read_captions(args), args.train_data, opts.hard_pairs)
+    shards = open_shards(args) if is_webdataset(args) else None
+    # before open_clip_train builds the model (which can take minutes), and again on the dataset it trains on
+    check_hard_pairs_fit(hard, shards.captions() if shards else read_captions(args), args.train_data,
+                         opts.hard_pairs)
     stock_get_data, stock_create_loss = octm.get_data, octm.create_loss
     register = BatchIndices(1)
 
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         register.recent = deque(maxlen=max(1, args.accum_freq))
-        data = stock_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-        if "train" in data:
-            data["train"] = hard_pair_data(data["train"], args, opts, hard, register)
+        if shards is None:  # CSV: open_clip_train's own CsvDataset, read in hard-pair batches
+            data = stock_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            if "train" in data:
+                csv = data["train"].dataloader.dataset
+                data["train"] = hard_pair_data(csv, csv.captions, args, opts, hard, register)
+            return data
+        # WebDataset: open_clip_train builds the rest (--val-data, ImageNet); the training shards are read by
+        # index, with open_clip_train's training transform and tokenizer
+        from .data.sources import PairDataset
+
+        train_data, args.train_data = args.train_data, None
+        try:
+            data = stock_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        finally:
+            args.train_data = train_data
+        dataset = PairDataset(shards, preprocess_fns[0], tokenizer)
+        data["train"] = hard_pair_data(dataset, shards.captions(), args, opts, hard, register)
         return data
 
     def create_loss(args):
