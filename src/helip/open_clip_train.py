@@ -349,7 +349,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ns, rest = parser.parse_known_args(argv)
     opts = HelipOptions(**vars(ns))
     helip_flags = [a for a in argv if a.startswith("--helip-")]
-    import open_clip_train.main as octm
+    try:
+        import open_clip_train.main as octm
+    except ImportError as e:
+        print(f"python -m helip.open_clip_train: error: open_clip_train cannot be imported ({e}); "
+              f"pip install 'helip[open_clip_train]'.", file=sys.stderr)
+        return 2
 
     from .models import register_configs
 
