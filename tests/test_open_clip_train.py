@@ -25,6 +25,13 @@ from helip.models import CONFIG_DIR, load_model, register_configs
 
 N, BATCH = 32, 16
 
+try:  # the command line and TrainConfig, before and after the library / application split
+    from helip.app.cli import main as helip_main
+    from helip.training.config import TrainConfig
+except ImportError:
+    from helip.cli import main as helip_main
+    from helip.train import TrainConfig
+
 
 def _write(root, n, seed=0):
     rng = np.random.default_rng(seed)
@@ -147,10 +154,8 @@ def helip_run(data):
 
 
 def test_plugin_trains_as_helip_train(data, helip_run, tmp_path, one_thread):
-    from helip.cli import main
-
     steps = 2 * N // (BATCH // 2)  # one target + one partner per group: an epoch is N / (B/2) batches
-    assert main(["train", "--data", str(data / "pairs.tsv"), "--model", "helip-tiny-vit", "--pretrained",
+    assert helip_main(["train", "--data", str(data / "pairs.tsv"), "--model", "helip-tiny-vit", "--pretrained",
                  str(data / "start.pt"), "--batch-size", str(BATCH), "--steps", str(steps), "--lr", "1e-3",
                  "--weight-decay", "0.1", "--warmup-steps", "2", "--seed", "0", "--workers", "0",
                  "--precision", "fp32", "--device", "cpu", "--log-every", "1", "--hard-pairs", str(data / "hp"),
@@ -200,11 +205,9 @@ def test_accum_freq_sees_the_partners_of_all_micro_batches(data, tmp_path, one_t
     """--accum-freq 2: the loss of the first step equals helip train's with --accum-steps 2 (the same 32 pairs,
     the mask spanning both micro-batches). Later steps differ: open_clip_train lets every recomputed micro-batch
     add the logit scale's gradient, helip train only the last (see helip.train.Trainer)."""
-    from helip.cli import main
-
     r = _octrain(_argv(data, "accum", extra=["--accum-freq", "2", "--helip-hard-pairs", str(data / "hp")]))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert main(["train", "--data", str(data / "pairs.tsv"), "--model", "helip-tiny-vit", "--pretrained",
+    assert helip_main(["train", "--data", str(data / "pairs.tsv"), "--model", "helip-tiny-vit", "--pretrained",
                  str(data / "start.pt"), "--batch-size", str(BATCH), "--accum-steps", "2", "--steps", "1",
                  "--lr", "1e-3", "--weight-decay", "0.1", "--warmup-steps", "2", "--seed", "0", "--precision",
                  "fp32", "--device", "cpu", "--log-every", "1", "--hard-pairs", str(data / "hp"),
@@ -253,8 +256,6 @@ def test_refusals_are_one_line(data, monkeypatch, capsys):
 
 
 def test_defaults_are_helip_train_defaults():
-    from helip.train import TrainConfig
-
     d, cfg = plug.HelipOptions(), TrainConfig()
     for name in ("hard_per_target", "top_k", "hard_fraction", "hard_temperature", "hard_temperature_mode",
                  "hnml_weight", "hnml_margin"):
