@@ -499,6 +499,8 @@ def worker_main(args: argparse.Namespace) -> int:
         done = args.authors_targets
         result.update(targets_mined=done, seconds_measured=result["seconds"],
                       seconds=round(result["seconds"] * len(img) / done, 3),
+                      cpu_seconds_measured=result["cpu_seconds"],
+                      cpu_seconds=round(result["cpu_seconds"] * len(img) / done, 3),
                       seconds_note=f"extrapolated linearly from the first {done} of {len(img)} targets")
     np.savez(Path(args.worker_out).with_suffix(".npz"), indices=np.asarray(indices, dtype=np.int32),
              scores=np.asarray(scores, dtype=np.float32))
