@@ -4,9 +4,10 @@
         [--out benchmarks/results/bench_mining.json]
     .venv/bin/python benchmarks/bench_mining.py --quick --out /tmp/bench_quick.json   # smoke test, sizes 5000,20000
 
-What it measures, on the same synthetic embeddings for every method of one size:
+What it measures, on the same embeddings for every method of one size:
 
-- Data: N image-caption pairs, d=256 per modality, L2-normalised float32, deterministic
+- Data (--distribution, default hierarchical; the others, isotropic, heavy-tailed and real, are
+  described in docs/mining.md and at ``generate`` below): N image-caption pairs, d=256 per modality, L2-normalised float32, deterministic
   from --seed. A shared 64-d latent space holds N/50 cluster centres (themselves grouped
   into super-clusters); each pair is centre + noise, then text = latent @ Wt + noise and
   image = latent @ Wi + noise with separate random projections and noise, so text and
