@@ -4,9 +4,10 @@
         [--out benchmarks/results/bench_mining.json]
     .venv/bin/python benchmarks/bench_mining.py --quick --out /tmp/bench_quick.json   # smoke test, sizes 5000,20000
 
-What it measures, on the same synthetic embeddings for every method of one size:
+What it measures, on the same embeddings for every method of one size:
 
-- Data: N image-caption pairs, d=256 per modality, L2-normalised float32, deterministic
+- Data (--distribution, default hierarchical; the others, isotropic, heavy-tailed and real, are
+  described in docs/mining.md and at ``generate`` below): N image-caption pairs, d=256 per modality, L2-normalised float32, deterministic
   from --seed. A shared 64-d latent space holds N/50 cluster centres (themselves grouped
   into super-clusters); each pair is centre + noise, then text = latent @ Wt + noise and
   image = latent @ Wi + noise with separate random projections and noise, so text and
@@ -120,12 +121,7 @@ def generate_embeddings(n: int, out_dir: Path, seed: int = 0, d: int = D) -> dic
         img[start:stop] = _unit(latent @ proj_i + 0.75 * crng.standard_normal((stop - start, d), dtype=np.float32)
                                 + offset_i)
 
-    drng = np.random.default_rng([seed, 2])
-    txt[copies] = _unit(txt[sources] + 0.002 * drng.standard_normal((len(copies), d), dtype=np.float32))
-    img[copies[full]] = _unit(img[sources[full]]
-                              + 0.002 * drng.standard_normal((int(full.sum()), d), dtype=np.float32))
-    txt.flush()
-    img.flush()
+    _plant_duplicates(txt, img, copies, sources, full, seed, d)
     del txt, img
     return {"n": n, "d": d, "latent_dim": LATENT, "clusters": n_clusters, "super_clusters": n_super,
             "duplicate_rows": int(len(copies)), "duplicate_rows_caption_only": int((~full).sum()),
@@ -151,6 +147,146 @@ def _plan_duplicates(rng: np.random.Generator, n: int):
 def _unit(x: np.ndarray) -> np.ndarray:
     assert x.dtype == np.float32, x.dtype   # keep generation in float32 (speed, memory)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+DISTRIBUTIONS = ("hierarchical", "isotropic", "heavy-tailed", "real")
+ISO_PAIRS_PER_CLUSTER = 25
+ISO_TEXT_NOISE, ISO_IMAGE_NOISE = 0.9, 0.7
+HEAVY_ALPHA = 1.1       # cluster sizes ~ Zipf: the share of cluster r is proportional to r^-alpha
+REAL_BASE = 20000       # real embeddings encoded by the demo's model (the demo's training split size)
+REAL_PERTURB = 0.3      # norm of the Gaussian perturbation of a tiled copy (a unit vector), relative
+
+
+def generate(distribution: str, n: int, out_dir: Path, seed: int = 0, d: int = D, log=print) -> dict:
+    """Embeddings of ``distribution`` (img.npy / txt.npy in ``out_dir``); returns their description."""
+    if distribution == "hierarchical":
+        return {"distribution": distribution, **generate_embeddings(n, out_dir, seed=seed, d=d)}
+    if distribution in ("isotropic", "heavy-tailed"):
+        return {"distribution": distribution, **generate_isotropic(n, out_dir, seed, d, heavy=distribution == "heavy-tailed")}
+    if distribution == "real":
+        return {"distribution": distribution, **generate_real(n, out_dir, seed, log)}
+    raise ValueError(f"unknown distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
+
+
+def generate_isotropic(n: int, out_dir: Path, seed: int = 0, d: int = D, heavy: bool = False) -> dict:
+    """Clusters in the full dimension: N/25 random unit centres per modality (shared cluster ids), each pair
+    = its centre + isotropic Gaussian noise in all d dimensions (norm ~0.9 for text, ~0.7 for images,
+    relative to the unit centre), L2-normalised; 2% planted near-duplicates as in the hierarchical data.
+
+    ``heavy``: the same, but cluster sizes follow a power law (Zipf, exponent HEAVY_ALPHA): a few clusters
+    hold thousands of pairs, most hold a handful, as web data does.
+    """
+    rng = np.random.default_rng([seed, 10])
+    n_clusters = max(1, n // ISO_PAIRS_PER_CLUSTER)
+    centres_t = _unit(rng.standard_normal((n_clusters, d), dtype=np.float32))
+    centres_i = _unit(rng.standard_normal((n_clusters, d), dtype=np.float32))
+    if heavy:
+        w = np.arange(1, n_clusters + 1, dtype=np.float64) ** -HEAVY_ALPHA
+        cluster = rng.choice(n_clusters, size=n, p=w / w.sum())
+    else:
+        cluster = rng.integers(n_clusters, size=n)
+    copies, sources, full = _plan_duplicates(rng, n)
+    cluster[copies] = cluster[sources]
+    txt = np.lib.format.open_memmap(out_dir / "txt.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    img = np.lib.format.open_memmap(out_dir / "img.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    scale_t, scale_i = np.float32(ISO_TEXT_NOISE / d ** 0.5), np.float32(ISO_IMAGE_NOISE / d ** 0.5)
+    for c, start in enumerate(range(0, n, GEN_CHUNK)):
+        stop = min(start + GEN_CHUNK, n)
+        crng = np.random.default_rng([seed, 11, c])
+        cl = cluster[start:stop]
+        txt[start:stop] = _unit(centres_t[cl] + scale_t * crng.standard_normal((stop - start, d), dtype=np.float32))
+        img[start:stop] = _unit(centres_i[cl] + scale_i * crng.standard_normal((stop - start, d), dtype=np.float32))
+    _plant_duplicates(txt, img, copies, sources, full, seed, d)
+    sizes = np.bincount(cluster, minlength=n_clusters)
+    return {"n": n, "d": d, "clusters": n_clusters, "text_noise": ISO_TEXT_NOISE, "image_noise": ISO_IMAGE_NOISE,
+            "cluster_sizes": "power law (Zipf, exponent %.2f)" % HEAVY_ALPHA if heavy else "uniform",
+            "largest_cluster": int(sizes.max()), "median_cluster": float(np.median(sizes)),
+            "duplicate_rows": int(len(copies)), "duplicate_rows_caption_only": int((~full).sum()), "seed": seed}
+
+
+def _plant_duplicates(txt, img, copies, sources, full, seed: int, d: int) -> None:
+    drng = np.random.default_rng([seed, 2])
+    txt[copies] = _unit(np.asarray(txt[sources]) + 0.002 * drng.standard_normal((len(copies), d), dtype=np.float32))
+    img[copies[full]] = _unit(np.asarray(img[sources[full]])
+                              + 0.002 * drng.standard_normal((int(full.sum()), d), dtype=np.float32))
+    txt.flush()
+    img.flush()
+
+
+def real_base(log=print, steps: int = 300) -> tuple[np.ndarray, np.ndarray, dict]:
+    """REAL_BASE pairs of the built-in world (the demo's training split) encoded by a model of it.
+
+    The model: the demo's cached pretrained checkpoint when present (helip demo writes it), else the demo's
+    tiny model trained from scratch for ``steps`` steps with the demo's pretraining options (a few minutes on a
+    CPU). Cached under the demo's cache directory, keyed by what determines it.
+    """
+    import hashlib
+    from dataclasses import replace
+
+    import torch
+
+    from helip.demo import DemoConfig, _pretrain_key, default_cache_dir
+    from helip.data import world
+    from helip.data.pairs import prepare_pairs
+    from helip.embed import encode_pairs
+    from helip.models import load_model
+    from helip.train import train
+
+    cfg = DemoConfig()
+    cache = default_cache_dir()
+    demo_ckpt = cache / f"pretrain-{_pretrain_key(cfg)}" / "model.pt"
+    source = f"demo checkpoint {demo_ckpt.parent.name}" if demo_ckpt.is_file() else f"demo model trained {steps} steps"
+    key = hashlib.sha256(json.dumps([source, REAL_BASE, cfg.world_seed, world.WORLD_VERSION]).encode()).hexdigest()[:12]
+    path = cache / f"bench-mining-real-{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return z["img"], z["txt"], json.loads(str(z["info"]))
+    t0 = time.perf_counter()
+    log(f"real embeddings: generating {REAL_BASE} world pairs and encoding them ({source}); cached at {path}")
+    split = world.generate(REAL_BASE, cfg.world_seed, "train")
+    lm = load_model(cfg.pretrain.model)
+    pairs = prepare_pairs(split.images, split.captions, lm)
+    if demo_ckpt.is_file():
+        ckpt = demo_ckpt
+    else:
+        run_dir = cache / f"bench-mining-real-model-{key}"
+        ckpt = train(replace(cfg.pretrain, steps=steps, pretrained=None, progress=False), pairs, run_dir).checkpoint
+    lm = load_model(cfg.pretrain.model, pretrained=str(ckpt))
+    with torch.no_grad():
+        img, txt = encode_pairs(lm, pairs)
+    info = {"model": cfg.pretrain.model, "source": source, "base_pairs": REAL_BASE, "world_seed": cfg.world_seed,
+            "seconds_to_build": round(time.perf_counter() - t0, 1)}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, img=img, txt=txt, info=json.dumps(info))
+    os.replace(tmp, path)
+    return img, txt, info
+
+
+def generate_real(n: int, out_dir: Path, seed: int = 0, log=print) -> dict:
+    """Real embeddings of the built-in world; beyond REAL_BASE rows, tiled copies perturbed in every dimension.
+
+    Row i < REAL_BASE is base row i (N <= REAL_BASE: the first N rows, unperturbed). Row i >= REAL_BASE is
+    base row (i mod REAL_BASE) + Gaussian noise of norm ~REAL_PERTURB in each modality, re-normalised (cosine
+    ~0.96 to its source: below the 0.98 duplicate threshold, so a copy is a candidate, not a duplicate).
+    """
+    base_img, base_txt, info = real_base(log)
+    b, d = base_img.shape
+    txt = np.lib.format.open_memmap(out_dir / "txt.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    img = np.lib.format.open_memmap(out_dir / "img.npy", mode="w+", dtype=np.float32, shape=(n, d))
+    scale = np.float32(REAL_PERTURB / d ** 0.5)
+    for c, start in enumerate(range(0, n, GEN_CHUNK)):
+        stop = min(start + GEN_CHUNK, n)
+        src = np.arange(start, stop) % b
+        crng = np.random.default_rng([seed, 21, c])
+        noisy = (np.arange(start, stop) >= b)[:, None].astype(np.float32) * scale
+        txt[start:stop] = _unit(base_txt[src] + noisy * crng.standard_normal((stop - start, d), dtype=np.float32))
+        img[start:stop] = _unit(base_img[src] + noisy * crng.standard_normal((stop - start, d), dtype=np.float32))
+    txt.flush()
+    img.flush()
+    return {"n": n, "d": d, **info, "tiled": n > b,
+            "tiling": (f"rows >= {b}: base row (i mod {b}) + Gaussian noise of norm ~{REAL_PERTURB} per modality, "
+                       "re-normalised") if n > b else "none (the first N base rows)", "seed": seed}
 
 
 def describe_similarities(img: np.ndarray, txt: np.ndarray, sample: int = 2000, seed: int = 0) -> dict:
@@ -364,6 +500,8 @@ def worker_main(args: argparse.Namespace) -> int:
         done = args.authors_targets
         result.update(targets_mined=done, seconds_measured=result["seconds"],
                       seconds=round(result["seconds"] * len(img) / done, 3),
+                      cpu_seconds_measured=result["cpu_seconds"],
+                      cpu_seconds=round(result["cpu_seconds"] * len(img) / done, 3),
                       seconds_note=f"extrapolated linearly from the first {done} of {len(img)} targets")
     np.savez(Path(args.worker_out).with_suffix(".npz"), indices=np.asarray(indices, dtype=np.int32),
              scores=np.asarray(scores, dtype=np.float32))
@@ -423,7 +561,7 @@ def bench_size(n: int, args: argparse.Namespace, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="helip-bench-", dir=args.tmpdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        entry["data"] = generate_embeddings(n, tmp, seed=args.seed)
+        entry["data"] = generate(args.distribution, n, tmp, seed=args.seed, log=log)
         entry["data"]["generation_seconds"] = round(time.perf_counter() - t0, 2)
         img = np.load(tmp / "img.npy", mmap_mode="r")
         txt = np.load(tmp / "txt.npy", mmap_mode="r")
@@ -515,6 +653,7 @@ def machine_info(threads: Optional[int]) -> dict:
     except (ValueError, OSError):
         mem_gb = None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": _cpu_model(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "memory_gb": mem_gb, "numpy": np.__version__, "torch": torch.__version__,
@@ -522,8 +661,32 @@ def machine_info(threads: Optional[int]) -> dict:
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def git_commit() -> Optional[str]:
+    """``git rev-parse HEAD`` of the checkout the benchmark runs from (and whether it had local changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+local-changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def summary(report: dict) -> str:
-    lines = []
+    lines = [f"distribution: {report['settings']['distribution']}  commit {report['git_commit']}"]
     for e in report["sizes"]:
         lines.append(f"N={e['n']:,}  k={e['k']}")
         lines.append(f"  {'method':8s} {'seconds':>9s} {'extra RSS MB':>13s} {'peak RSS MB':>12s}")
@@ -574,6 +737,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: sizes 5000,20000")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distribution", default="hierarchical", choices=DISTRIBUTIONS,
+                   help="synthetic embeddings: hierarchical (low intrinsic dimension), isotropic (clusters in all "
+                        "256 dims), heavy-tailed (power-law cluster sizes), real (the built-in world encoded by "
+                        "the demo's model, tiled and perturbed beyond 20k rows)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--ann-only-from", type=int, default=1_000_000,
                    help="sizes at or above this run only ann, with sampled recall")
@@ -611,8 +778,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     report = {"benchmark": "hard-pair mining: authors' procedure vs helip exact vs helip ann",
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "git_commit": git_commit(),
               "machine": machine_info(args.threads),
-              "settings": {"k": args.k, "seed": args.seed, "d": D, "dup_threshold": DUP_THRESHOLD,
+              "settings": {"distribution": args.distribution, "k": args.k, "seed": args.seed, "d": D,
+                           "dup_threshold": DUP_THRESHOLD,
                            "device": args.device, "precision": args.precision,
                            "authors_targets": args.authors_targets,
                            "repeats": args.repeats, "threads": args.threads,

@@ -118,8 +118,8 @@ def cmd_mine(args) -> None:
         write_csv(Path(args.csv), hard)
     recall = hard.meta.get("recall_estimate")
     recall = f", estimated recall@{hard.k} {recall['recall_at_k']:.4f}" if recall else ""
-    print(f"wrote {args.out} ({len(hard)} targets, k={hard.k}, {hard.meta['padded_rows']} rows padded with -1"
-          f"{recall}, {hard.meta['timings']['mine_seconds']:.1f}s)")
+    print(f"wrote {args.out} ({len(hard)} targets, k={hard.k}, mode {hard.meta['mode']}, "
+          f"{hard.meta['padded_rows']} rows padded with -1{recall}, {hard.meta['timings']['mine_seconds']:.1f}s)")
 
 
 def _init_distributed(device: str) -> int:
@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--k", type=int, default=m.k)
-    p.add_argument("--mode", default=m.mode, choices=MODES)
+    p.add_argument("--mode", default=m.mode, choices=MODES,
+                   help="auto: exact search, or ANN where it reaches --target-recall faster (see docs/mining.md)")
     p.add_argument("--method", default=m.method, choices=METHODS)
     p.add_argument("--dup-threshold", type=float, default=m.dup_threshold)
     p.add_argument("--min-similarity", type=float, default=m.min_similarity)
@@ -287,7 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redraw-every", type=int, default=m.redraw_every, help="subset mode: targets per pool")
     p.add_argument("--nlist", type=int, default=m.nlist, help="ann mode: k-means cells (0: about 2 sqrt(N))")
     p.add_argument("--nprobe", type=int, default=m.nprobe,
-                   help="ann mode: cells nearest each target whose members it is scored against")
+                   help="ann mode: cells nearest each target whose members it is scored against (0: the fewest "
+                        "whose recall reaches --target-recall, measured on a sample)")
+    p.add_argument("--target-recall", type=float, default=m.target_recall,
+                   help="auto and ann modes: recall@k whose 95%% lower confidence bound ANN must reach, else "
+                        "exact search runs")
+    p.add_argument("--tune-sample", type=int, default=m.tune_sample,
+                   help="auto and ann modes: targets searched exactly to choose the operating point")
     p.add_argument("--recall-sample", type=int, default=m.recall_sample, help="targets checked against exact")
     p.add_argument("--chunk-size", type=int, default=m.chunk_size, help="targets per resumable chunk")
     p.add_argument("--csv", default=None, help="also write the authors' CSV format here")

@@ -27,18 +27,19 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
-from ..io import save_npy, save_with
+from ..io import save_json, save_npy, save_with
 from ..resumable import barrier, partial_dir, rank_and_world
 from .ann import build_cells, default_nlist, group, recall_at_k, search_ann
 from .exact import PRECISIONS, search_exact, search_exact_lowp
 from .tiled import SymmetricSearch, blas_threads, search_rows
+from .tune import AUTO_EXACT_BELOW, CONFIDENCE, NPROBE_GRID, tune, wilson_lower
 from .score import METHODS
 from .store import HardPairs, save_hard_pairs
 from .subset import search_subset
 
 log = logging.getLogger(__name__)
 
-MODES = ("exact", "subset", "ann")
+MODES = ("auto", "exact", "subset", "ann")
 
 
 @dataclass
@@ -46,7 +47,7 @@ class MineConfig:
     """Options of ``mine_hard_pairs`` and ``helip mine``."""
 
     k: int = 50
-    mode: str = "exact"            # exact | subset | ann
+    mode: str = "auto"             # auto | exact | subset | ann (auto: exact or recall-targeted ann, see tune.py)
     method: str = "hpm"            # hpm | text | image
     dup_threshold: float = 0.98
     min_similarity: float = 0.0
@@ -57,8 +58,11 @@ class MineConfig:
     candidates: int = 3_000_000    # subset: size of the random candidate pool
     redraw_every: int = 300_000    # subset: targets per pool
     nlist: int = 0                 # ann: k-means cells (0: about 2 sqrt(N))
-    nprobe: int = 16               # ann: cells nearest each target, searched for it
-    recall_sample: int = 200       # ann/subset: targets checked against exact search
+    nprobe: int = 0                # ann: cells nearest each target, searched for it (0: the fewest that reach
+                                   # target_recall; auto mode always chooses)
+    target_recall: float = 0.98    # ann with nprobe 0, auto: recall@k whose lower confidence bound must be reached
+    tune_sample: int = 500         # ann with nprobe 0, auto: targets whose exact top-k choose the operating point
+    recall_sample: int = 200       # ann/subset: targets checked against exact search after the run
     chunk_size: int = 65536        # targets per resumable chunk
     progress: bool = True
 
@@ -77,9 +81,14 @@ class MineConfig:
         if not -1.0 <= self.min_similarity < self.dup_threshold <= 1.0:
             raise ConfigError(f"need -1 <= min_similarity < dup_threshold <= 1, got "
                               f"{self.min_similarity} and {self.dup_threshold}.")
-        for name in ("block_size", "candidates", "redraw_every", "nprobe", "chunk_size"):
+        for name in ("block_size", "candidates", "redraw_every", "chunk_size", "tune_sample"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")
+        if self.nprobe < 0:
+            raise ConfigError(f"nprobe must be 0 (chosen for --target-recall) or positive, got {self.nprobe}.")
+        if not 0.0 < self.target_recall < 1.0:
+            raise ConfigError(f"target_recall must be between 0 and 1 (exclusive), got {self.target_recall}; "
+                              f"for exact results use --mode exact.")
         if self.nlist < 0:
             raise ConfigError(f"nlist must be 0 (automatic) or positive, got {self.nlist}.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -114,7 +123,7 @@ def _normalised(x: np.ndarray, what: str, device: str) -> torch.Tensor:
 
 
 class _Run:
-    """One mining run: inputs, options, the ANN cells if any, and the search of a set of targets."""
+    """One mining run: inputs, options, the mode it runs in, the ANN cells if any, the search of a set of targets."""
 
     def __init__(self, img: torch.Tensor, txt: torch.Tensor, cfg: MineConfig):
         self.img, self.txt, self.cfg, self.n = img, txt, cfg, len(img)
@@ -123,15 +132,54 @@ class _Run:
         # float32 exact search on the CPU: cache-sized tiles with per-target bounds (tiled.py); on a GPU
         # the large-block search (exact.py) suits the hardware better
         self.tiled = not img.is_cuda and cfg.resolved_precision() == "fp32"
+        self.symmetric_possible = self.tiled and rank_and_world()[1] == 1
+        self.mode = cfg.mode      # the mode that runs: auto and recall-targeted ann resolve in ``decide``
+        self.choice = None        # why, for meta.json
 
-    def prepare_cells(self, partial: Optional[Path], rank: int) -> None:
-        """ANN only: build the cells (rank 0, once per resumable run, saved beside the chunks) or load them."""
-        if self.cfg.mode != "ann":
+    def decide(self, partial: Optional[Path], rank: int) -> None:
+        """Resolve auto mode, build ANN's cells, choose ANN's operating point (or exact search) for the target.
+
+        Cells and the choice are made once (rank 0) and saved beside the chunks, so a resumed run and the other
+        ranks search the same way.
+        """
+        c = self.cfg
+        if c.mode == "auto" and (self.img.is_cuda or self.n < AUTO_EXACT_BELOW):
+            self.mode = "exact"
+            why = (f"on a GPU exact search ({c.resolved_precision()} similarities, certified) was faster than ANN "
+                   f"where measured" if self.img.is_cuda else
+                   f"{self.n} pairs (< {AUTO_EXACT_BELOW}): exact search takes seconds to minutes, ANN's tuning "
+                   f"sample alone would be a noticeable share of it")
+            self.choice = {"use": "exact", "why": why}
+            log.info("mode auto: exact search (%s)", why)
             return
+        if c.mode not in ("auto", "ann"):
+            return
+        tuned = c.mode == "auto" or c.nprobe == 0
+        self._prepare_cells(partial, rank, max(NPROBE_GRID) if tuned else c.nprobe)
+        if not tuned:
+            return
+        path = partial / "choice.json" if partial is not None else None
+        if path is None or (rank == 0 and not path.is_file()):
+            choice = tune(self, c.tune_sample, c.target_recall, c.seed,
+                          lambda rows: self.search(rows, mode="exact", block_size=min(c.block_size, 64)))
+            if path is not None:
+                save_json(path, choice)
+        barrier()
+        self.choice = choice if path is None else json.loads(path.read_text())
+        self.mode = self.choice["use"]
+        if self.mode == "exact":
+            self.cells = None
+            log.warning("mode %s: running exact search instead of ANN: %s", c.mode, self.choice["why"])
+        else:
+            self.cells["probes"] = np.ascontiguousarray(self.cells["probes"][:, :self.choice["nprobe"]])
+            log.info("mode %s: ANN, %s", c.mode, self.choice["why"])
+
+    def _prepare_cells(self, partial: Optional[Path], rank: int, nprobe: int) -> None:
+        """Build the cells (rank 0, once per resumable run, saved beside the chunks) or load them."""
         paths = {name: partial / f"cells_{name}.npy" for name in ("probes", "nlist")} if partial else {}
         if not paths or (rank == 0 and not all(p.is_file() for p in paths.values())):
             nlist = self.cfg.nlist or default_nlist(self.n)
-            self.cells = build_cells(self.txt, self.img, self.cfg.method, nlist, self.cfg.nprobe, self.cfg.seed)
+            self.cells = build_cells(self.txt, self.img, self.cfg.method, nlist, nprobe, self.cfg.seed)
             for name, p in paths.items():
                 save_npy(p, self.cells[name])
         barrier()
@@ -141,7 +189,7 @@ class _Run:
 
     def target_order(self) -> np.ndarray:
         """The order in which targets are chunked: by cell for ANN, so a chunk holds whole cells."""
-        if self.cfg.mode == "ann":
+        if self.mode == "ann":
             return np.concatenate(self.cells["members"])
         return np.arange(self.n)
 
@@ -150,7 +198,7 @@ class _Run:
         c = self.cfg
         common = (self.txt, self.img, rows, c.k, c.method, c.dup_threshold, c.min_similarity,
                   block_size or c.block_size)
-        mode = mode or c.mode
+        mode = mode or self.mode
         if mode == "exact":
             if c.resolved_precision() != "fp32":
                 return search_exact_lowp(*common, precision=c.resolved_precision(), on_block=on_block,
@@ -197,6 +245,34 @@ def _search_symmetric(run: _Run, rows_of, chunk_path, partial: Optional[Path], i
             _save_npz(chunk_path[chunk], indices=idx, scores=sc)
             if hi < run.n:
                 _save_npz(state_path, **search.state())
+
+
+def _check_recall(run: _Run, indices: np.ndarray) -> dict:
+    """Recall@k of the finished run on its own random sample of targets (independent of the tuning sample),
+    against exact search; ANN below the target is reported loudly (never silently)."""
+    cfg, n = run.cfg, run.n
+    sample = np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=min(cfg.recall_sample, n), replace=False))
+    # small blocks: a block of exact scores is [block, N] (at N = 1M and 1024 targets, 4 GB per matrix)
+    exact_idx, _ = run.search(sample, mode="exact", block_size=min(cfg.block_size, 64))
+    found = indices[sample]
+    valid = exact_idx >= 0
+    hits = np.array([len(set(e[e >= 0].tolist()) & set(a[a >= 0].tolist())) for a, e in zip(found, exact_idx)])
+    has = valid.any(1)
+    mean = float((hits[has] / valid.sum(1)[has]).mean()) if has.any() else 1.0
+    est = {"recall_at_k": round(recall_at_k(found, exact_idx), 4), "mean_per_target": round(mean, 4),
+           "lower_bound": round(wilson_lower(mean, int(has.sum())), 4), "confidence": CONFIDENCE,
+           "sample": int(len(sample))}
+    log.info("%s mode: recall@%d against exact search on %d other sampled targets: %.4f (%.0f%% lower bound %.4f)",
+             run.mode, cfg.k, len(sample), mean, 100 * CONFIDENCE, est["lower_bound"])
+    if run.mode == "ann":
+        est["target_recall"] = cfg.target_recall
+        est["meets_target"] = mean >= cfg.target_recall
+        if not est["meets_target"]:
+            how = ("the nprobe chosen on the tuning sample" if run.choice is not None else
+                   f"the fixed --nprobe {cfg.nprobe}")
+            log.warning("ANN recall estimate %.4f is BELOW the target %.2f with %s; use --nprobe 0 (chosen for the "
+                        "target), a larger --tune-sample, or --mode exact", mean, cfg.target_recall, how)
+    return est
 
 
 @blas_threads()   # numpy's BLAS (used on the CPU, see score.cosines) with torch's thread count
@@ -251,7 +327,7 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     partial = partial_dir(out_dir, key, rank, "other options") if out_dir is not None else None
 
     t0 = time.perf_counter()
-    run.prepare_cells(partial, rank)
+    run.decide(partial, rank)
     t_index = time.perf_counter() - t0
     order = run.target_order()
     n_chunks = -(-n // cfg.chunk_size)
@@ -261,8 +337,8 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     scores = np.empty((n, cfg.k), dtype=np.float32)
     done_here = set()  # chunks this process searched: already in the arrays, not read back from disk
     mine_chunks = range(rank, n_chunks, world)
-    symmetric = cfg.mode == "exact" and run.tiled and world == 1
-    with tqdm(total=sum(len(rows_of[c]) for c in mine_chunks), unit="pair", desc=f"mining ({cfg.mode})",
+    symmetric = run.mode == "exact" and run.symmetric_possible
+    with tqdm(total=sum(len(rows_of[c]) for c in mine_chunks), unit="pair", desc=f"mining ({run.mode})",
               disable=not cfg.progress) as bar:
         if symmetric:
             _search_symmetric(run, rows_of, chunk_path, partial, indices, scores, done_here, bar)
@@ -284,29 +360,26 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     barrier()  # every rank has read every chunk before rank 0 may remove them
     seconds = time.perf_counter() - t0
     meta = {
-        "mode": cfg.mode, "method": cfg.method, "k": cfg.k, "dup_threshold": cfg.dup_threshold,
+        "mode": run.mode, "requested_mode": cfg.mode, "method": cfg.method, "k": cfg.k, "dup_threshold": cfg.dup_threshold,
         "min_similarity": cfg.min_similarity, "seed": cfg.seed, "n": n, "device": cfg.device,
         "precision": cfg.resolved_precision(),
         "candidate_pool": {"exact": "all",
                            "subset": {"candidates": min(cfg.candidates, n), "redraw_every": cfg.redraw_every},
                            "ann": {"nlist": int(run.cells["nlist"][0]) if run.cells else None,
-                                   "nprobe": cfg.nprobe}}[cfg.mode],
+                                   "nprobe": int(run.cells["probes"].shape[1]) if run.cells else None,
+                                   "chosen_for_target_recall": run.choice is not None}}[run.mode],
         "world_size": world,
         "timings": {"mine_seconds": round(seconds, 3), "index_seconds": round(t_index, 3),
                     "pairs_per_second": round(n / max(seconds, 1e-9), 1)},
         "padded_rows": int((indices[:, -1] < 0).sum()),
     }
-    if cfg.mode == "exact" and cfg.resolved_precision() != "fp32":
+    if run.choice is not None:
+        meta["choice"] = run.choice   # auto / recall-targeted ann: what ran, why, the estimates behind it
+    if run.mode == "exact" and cfg.resolved_precision() != "fp32":
         # rows whose low-precision pass could not certify the top-k and were recomputed in float32
         meta["fp32_fallback_rows_this_process"] = run.stats["fallback_rows"]
-    if cfg.mode != "exact" and cfg.recall_sample > 0:
-        sample = np.sort(np.random.default_rng([cfg.seed, 7]).choice(n, size=min(cfg.recall_sample, n), replace=False))
-        # small blocks: a block of exact scores is [block, N] (at N = 1M and 1024 targets, 4 GB per matrix)
-        exact_idx, _ = run.search(sample, mode="exact", block_size=min(cfg.block_size, 64))
-        meta["recall_estimate"] = {"recall_at_k": round(recall_at_k(indices[sample], exact_idx), 4),
-                                   "sample": int(len(sample))}
-        log.info("%s mode: estimated recall@%d against exact search %.4f (on %d targets)",
-                 cfg.mode, cfg.k, meta["recall_estimate"]["recall_at_k"], len(sample))
+    if run.mode != "exact" and cfg.recall_sample > 0:
+        meta["recall_estimate"] = _check_recall(run, indices)
     if keep is not None:  # back from the kept pairs' positions to dataset indices
         full_i = np.full((n_all, cfg.k), -1, dtype=np.int32)
         full_s = np.full((n_all, cfg.k), -np.inf, dtype=np.float32)

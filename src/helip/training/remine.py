@@ -59,11 +59,15 @@ def mine_config_from_meta(meta: dict, device: str = "cpu", progress: bool = Fals
                           f"meta.json lacks {', '.join(missing)} (not mined by `helip mine`, e.g. read from the "
                           f"authors' CSV); mine them with `helip mine` or drop --remine-every.")
     cfg = MineConfig(**{k: meta[k] for k in _MINING_KEYS}, device=device, progress=progress)
+    cfg.mode = meta.get("requested_mode", cfg.mode)   # auto decides again on the new embeddings
+    if "target_recall" in meta.get("choice", {}):
+        cfg.target_recall = meta["choice"]["target_recall"]
     pool = meta.get("candidate_pool")
     if cfg.mode == "subset" and isinstance(pool, dict):
         cfg.candidates, cfg.redraw_every = pool["candidates"], pool["redraw_every"]
-    if cfg.mode == "ann" and isinstance(pool, dict):
-        cfg.nlist, cfg.nprobe = pool["nlist"] or 0, pool["nprobe"]
+    if cfg.mode == "ann" and isinstance(pool, dict):   # an nprobe chosen for the target recall is chosen again
+        cfg.nlist = pool["nlist"] or 0
+        cfg.nprobe = 0 if pool.get("chosen_for_target_recall") else pool["nprobe"]
     return cfg
 
 
