@@ -9,7 +9,7 @@ from helip.mining import MineConfig, mine_hard_pairs
 from helip.mining import mine as mine_module
 from helip.mining import tune as tune_module
 from helip.mining.tune import choose_operating_point, per_target_recall, wilson_lower
-from helip.remine import mine_config_from_meta
+from helip.training.remine import mine_config_from_meta
 
 
 def planted(n=3000, d=32, clusters=120, seed=0):
