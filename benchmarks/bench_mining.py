@@ -75,6 +75,7 @@ from typing import Optional
 import numpy as np
 
 from helip.io import save_json
+from _provenance import provenance
 
 D = 256                 # embedding width per modality
 LATENT = 64             # width of the shared latent space
@@ -611,7 +612,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     report = {"benchmark": "hard-pair mining: authors' procedure vs helip exact vs helip ann",
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine": machine_info(args.threads),
+              "machine": machine_info(args.threads), "provenance": provenance(args),
               "settings": {"k": args.k, "seed": args.seed, "d": D, "dup_threshold": DUP_THRESHOLD,
                            "device": args.device, "precision": args.precision,
                            "authors_targets": args.authors_targets,

@@ -77,6 +77,7 @@ from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_ch
 from helip.embed import encode_pairs
 from helip.evaluate import EvalConfig, evaluate_model
 from helip.io import save_json, save_text
+from _provenance import provenance
 from helip.mining import HardPairs, mine_hard_pairs
 from helip.models import load_model
 from helip.train import _LEGACY as TRAIN_LEGACY
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
               "seeds": seeds, "continued_training": asdict(cfg.continued),
               "pretrain_steps": cfg.pretrain.steps, "mining_k": cfg.mine.k,
-              "timings_seconds": timings, "jobs": args.jobs, "runs": []}
+              "timings_seconds": timings, "jobs": args.jobs, "runs": [], "provenance": provenance(args)}
     with stage("eval_pretrained"):
         report["pretrained"] = evaluate_checkpoint(ckpt)
     for path in args.resume_from:

@@ -24,6 +24,7 @@ import numpy as np
 from helip.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.io import save_json
+from _provenance import provenance
 from helip.mining import mine_hard_pairs
 from helip.models import load_model
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
               f"{np.median(rel):.3f} at the median row (5%-95%: {np.quantile(rel, 0.05):.3f}-"
               f"{np.quantile(rel, 0.95):.3f})", flush=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["provenance"] = provenance(args)
     save_json(args.out, report)
     return 0
 
