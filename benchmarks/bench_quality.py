@@ -36,9 +36,9 @@ Variants:
         [--variants baseline,helip,...] [--steps 700] [--pretrain-steps 1500]
         [--resume-from EARLIER.json ...] [--out benchmarks/results/bench_quality.json]
 
-The benchmark of issue 7 (baseline vs the default HELIP, 3 seeds, from
+The headline benchmark (baseline vs the default HELIP, 3 seeds, from
 scratch) is ``--variants baseline,helip``. Where its time goes (1 thread,
-CPU shared with another job; see the README for the numbers): pretraining
+CPU shared with another job; numbers in benchmarks/RESULTS.md): pretraining
 the starting model once (1500 steps, cached for later runs in the demo's
 cache), then per run almost all of it in the 700 training steps (~0.5 s a
 step at 1 thread), ~15 s of evaluation (val + test zero-shot, retrieval,

@@ -31,7 +31,7 @@ per-round ratios helip_plain/open_clip_train, helip_hard/open_clip_train and
 helip_hard/helip_plain (from CPU time on CPU, wall clock on CUDA; both are in the JSON),
 and, measured separately on the
 same batches, the milliseconds per step of the sampler, the partner mask and the HNML
-forward+backward (HELIP's three additions). Goals (issue 4): helip_hard >= 0.95x
+forward+backward (HELIP's three additions). Goals: helip_hard >= 0.95x
 open_clip_train; sampler + HNML under 3% of the step.
 
 Writes JSON atomically (helip.io.save_json) to --out. Needs only torch, open_clip_torch

@@ -1,7 +1,7 @@
 """Is the demo's starting model trained to its plateau?
 
 HELIP is meant for fully trained checkpoints: starting from an under-trained
-one mostly measures the value of more training (METHOD.md section 5). This
+one mostly measures the value of more training (docs/design.md, "Starting models"). This
 script pretrains the demo model for several lengths (each with its own full
 warm-up + cosine schedule, as the demo does), and reports validation zero-shot
 mean and retrieval for each, so the chosen length can be checked against the

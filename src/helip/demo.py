@@ -56,7 +56,7 @@ class DemoConfig:
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, seed=0, hard_per_target=0, log_every=50))
     # 700 steps and partners drawn with relative temperature 0.05 (helip train's default; = the absolute 0.01
-    # first measured, on this world): chosen on validation by bench_quality.py over 3 seeds (README "Results");
+    # first measured, on this world): chosen on validation by bench_quality.py over 3 seeds (benchmarks/RESULTS.md);
     # at 300 steps the gain was small
     continued: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=700, batch_size=128, lr=1e-3, warmup_steps=20, hard_per_target=1, top_k=50,
