@@ -5,8 +5,8 @@ means P(j) ~ exp(s_j / T); the relative one divides by each target's own
 spread s_1 - s_k over its top-k, P(j) ~ exp((s_j - s_1) / (T_rel (s_1 - s_k))).
 Row by row, absolute T equals relative T_rel = T / (s_1 - s_k), so the
 distribution of the spreads of the demo's HPM hard pairs says which relative
-value draws like the absolute 0.01 that was measured (benchmarks/results/
-bench_quality_steps700_3seeds.md), and how much that equivalence varies row to row.
+value draws like the absolute 0.01 that was measured (benchmarks/RESULTS.md,
+"Quality"), and how much that equivalence varies row to row.
 
     .venv/bin/python benchmarks/score_spread.py [--abs-temperature 0.01] [--out benchmarks/results/score_spread.json]
 
