@@ -36,9 +36,9 @@ Variants:
         [--variants baseline,helip,...] [--steps 700] [--pretrain-steps 1500]
         [--resume-from EARLIER.json ...] [--out benchmarks/results/bench_quality.json]
 
-The benchmark of issue 7 (baseline vs the default HELIP, 3 seeds, from
+The headline benchmark (baseline vs the default HELIP, 3 seeds, from
 scratch) is ``--variants baseline,helip``. Where its time goes (1 thread,
-CPU shared with another job; see the README for the numbers): pretraining
+CPU shared with another job; numbers in benchmarks/RESULTS.md): pretraining
 the starting model once (1500 steps, cached for later runs in the demo's
 cache), then per run almost all of it in the 700 training steps (~0.5 s a
 step at 1 thread), ~15 s of evaluation (val + test zero-shot, retrieval,
@@ -77,6 +77,7 @@ from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretraine
 from helip.embed import encode_pairs
 from helip.evaluate import EvalConfig, evaluate_model
 from helip.io import save_json, save_text
+from _provenance import provenance
 from helip.mining import HardPairs, mine_hard_pairs
 from helip.models import load_model
 from helip.training.checkpoint import LEGACY as TRAIN_LEGACY
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
               "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
               "seeds": seeds, "continued_training": asdict(cfg.continued),
               "pretrain_steps": cfg.pretrain.steps, "mining_k": cfg.mine.k,
-              "timings_seconds": timings, "jobs": args.jobs, "runs": []}
+              "timings_seconds": timings, "jobs": args.jobs, "runs": [], "provenance": provenance(args)}
     with stage("eval_pretrained"):
         report["pretrained"] = evaluate_checkpoint(ckpt)
     for path in args.resume_from:

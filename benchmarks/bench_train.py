@@ -31,7 +31,7 @@ per-round ratios helip_plain/open_clip_train, helip_hard/open_clip_train and
 helip_hard/helip_plain (from CPU time on CPU, wall clock on CUDA; both are in the JSON),
 and, measured separately on the
 same batches, the milliseconds per step of the sampler, the partner mask and the HNML
-forward+backward (HELIP's three additions). Goals (issue 4): helip_hard >= 0.95x
+forward+backward (HELIP's three additions). Goals: helip_hard >= 0.95x
 open_clip_train; sampler + HNML under 3% of the step.
 
 Writes JSON atomically (helip.io.save_json) to --out. Needs only torch, open_clip_torch
@@ -57,6 +57,7 @@ from open_clip_train.scheduler import cosine_lr
 from open_clip_train.train import train_one_epoch
 
 from helip.io import save_json
+from _provenance import provenance
 from helip.losses import HardNegativeMarginLoss, PartnerMasker
 from helip.models import register_configs
 from helip.sampler import HardPairBatchSampler
@@ -307,6 +308,7 @@ def main(argv=None) -> dict:
         "helip_additions_ms_per_step": adds,
         "helip_additions_share_of_step": extra_ms / step_ms,
         "goals": {"helip_vs_open_clip_train_at_least": 0.95, "additions_share_below": 0.03},
+        "provenance": provenance(a),
     }
     result["goals"]["met_throughput"] = result["ratios"]["helip_hard_vs_open_clip_train"] >= 0.95
     result["goals"]["met_additions"] = result["helip_additions_share_of_step"] < 0.03

@@ -18,6 +18,7 @@ import numpy as np
 
 from helip.app.demo import VARIANTS, run_demo
 from helip.io import save_json, save_text
+from _provenance import provenance
 
 METRICS = [("zeroshot_mean", lambda r: r["zeroshot_mean"]), ("linear_probe", lambda r: r["linear_probe"])] + \
     [(k, (lambda k: lambda r: r["retrieval"][k])(k)) for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5")]
@@ -45,7 +46,8 @@ def main() -> None:
                                 "per_seed": vals.tolist()}
         tasks = per_seed[next(iter(per_seed))][v]["zeroshot"]
         summary[v]["zeroshot"] = {t: float(np.mean([r[v]["zeroshot"][t] for r in per_seed.values()])) for t in tasks}
-    save_json(args.out, {"seeds": list(per_seed), "split": "test", "summary": summary})
+    save_json(args.out, {"seeds": list(per_seed), "split": "test", "summary": summary,
+                         "provenance": provenance(args)})
     lines = ["| variant | " + " | ".join(n for n, _ in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for v in VARIANTS:
         cells = [f"{100 * summary[v][n]['mean']:.1f} ± {100 * summary[v][n]['std']:.1f}" for n, _ in METRICS]

@@ -1,7 +1,7 @@
 """Is the demo's starting model trained to its plateau?
 
 HELIP is meant for fully trained checkpoints: starting from an under-trained
-one mostly measures the value of more training (METHOD.md section 5). This
+one mostly measures the value of more training (docs/design.md, "Starting models"). This
 script pretrains the demo model for several lengths (each with its own full
 warm-up + cosine schedule, as the demo does), and reports validation zero-shot
 mean and retrieval for each, so the chosen length can be checked against the
@@ -22,6 +22,7 @@ from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretraine
 from helip.embed import encode_pairs
 from helip.evaluate import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json
+from _provenance import provenance
 from helip.models import load_model
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         rows.append(row)
         print(f"pretrain {steps:>5} steps ({row['epochs']} epochs): val zero-shot mean {row['val_zeroshot_mean']:.4f}"
               f"  i2t R@1 {row['val_retrieval']['i2t_r1']:.4f}", flush=True)
-    save_json(args.out, {"demo_pretrain_steps": base.pretrain.steps, "rows": rows})
+    save_json(args.out, {"demo_pretrain_steps": base.pretrain.steps, "rows": rows, "provenance": provenance(args)})
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ means P(j) ~ exp(s_j / T); the relative one divides by each target's own
 spread s_1 - s_k over its top-k, P(j) ~ exp((s_j - s_1) / (T_rel (s_1 - s_k))).
 Row by row, absolute T equals relative T_rel = T / (s_1 - s_k), so the
 distribution of the spreads of the demo's HPM hard pairs says which relative
-value draws like the absolute 0.01 that was measured (benchmarks/results/
-bench_quality_steps700_3seeds.md), and how much that equivalence varies row to row.
+value draws like the absolute 0.01 that was measured (benchmarks/RESULTS.md,
+"Quality"), and how much that equivalence varies row to row.
 
     .venv/bin/python benchmarks/score_spread.py [--abs-temperature 0.01] [--out benchmarks/results/score_spread.json]
 
@@ -24,6 +24,7 @@ import numpy as np
 from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
 from helip.io import save_json
+from _provenance import provenance
 from helip.mining import mine_hard_pairs
 from helip.models import load_model
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
               f"{np.median(rel):.3f} at the median row (5%-95%: {np.quantile(rel, 0.05):.3f}-"
               f"{np.quantile(rel, 0.95):.3f})", flush=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["provenance"] = provenance(args)
     save_json(args.out, report)
     return 0
 

@@ -29,6 +29,7 @@ from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretraine
 from helip.embed import encode_pairs
 from helip.evaluate import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json, save_text
+from _provenance import provenance
 from helip.mining import mine_hard_pairs
 from helip.models import load_model
 from helip.training import train
@@ -88,7 +89,8 @@ def main() -> None:
     out = {"protocol": __doc__.split("\n\n")[1], "seed": args.seed, "steps": base.steps,
            "batch_size": base.batch_size, "pretrained_checkpoint": str(ckpt), "chosen_lr": best_lr,
            "chosen_helip": {k: best[k] for k in ("hard_per_target", "hnml_weight", "hnml_margin")},
-           "continued_training": asdict(base), "rows": rows}
+           "continued_training": asdict(base), "rows": rows,
+           "provenance": provenance(args)}
     save_json(args.out, out)
     lines = ["| variant | lr | hard/target | HNML weight | margin | val zero-shot mean | val i2t R@1 | val t2i R@1 |",
              "|---|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """A SLIP model written from SLIP's published architecture, for the conversion tests.
 
 Not SLIP's code: a model with the same parameter names and forward pass as
-facebookresearch/SLIP's ``SLIP`` class (METHOD.md section 4): a timm
+facebookresearch/SLIP's ``SLIP`` class (docs/slip.md, "SLIP's checkpoints"): a timm
 VisionTransformer with ``num_classes=0`` under ``visual``; an OpenAI-CLIP text
 transformer (sequence-first ``nn.MultiheadAttention`` blocks with ``ln_1``,
 ``ln_2``, ``mlp.c_fc``/QuickGELU/``mlp.c_proj``, causal mask) under

@@ -1,4 +1,4 @@
-"""The stage commands one by one, as the README shows them, on a tiny world."""
+"""The stage commands one by one, as the README and docs/ show them, on a tiny world."""
 import json
 
 import numpy as np

@@ -1,6 +1,6 @@
 """`helip embed`: encode every pair once, resumably, sharded over torchrun ranks.
 
-Writes the embeddings directory of DESIGN.md section 3: ``image.npy`` and
+Writes the embeddings directory of docs/design.md, "File formats": ``image.npy`` and
 ``text.npy`` (float16 [N, d], L2-normalised, row i = pair i, written through
 memory maps so N x d never has to fit in memory twice), ``skipped.json`` (the
 unusable pairs, see ``helip.data.sources``: their rows are all zeros and

@@ -1,6 +1,6 @@
 """HELIP's losses: the Hard Negative Margin Loss, composed with OpenCLIP's ClipLoss; SLIP's SimCLR term.
 
-HNML (the HELIP paper's hard negative margin loss), with s the cosine similarity:
+HNML (docs/design.md, "The method"), with s the cosine similarity:
 
     HNML_i = mean over hard partners j of i present in the batch of
              [ max(0, margin + s(I_i, T_j) - s(I_i, T_i))

@@ -20,7 +20,7 @@ builds whole batches so it can promise what a contrastive loss needs:
   - ``"per_target"``: each target's own spread,
     P(j) ~ exp((s_j - s_1) / (T * (s_1 - s_k))): every target equally sharp
     (also scale-free; measured a point worse than the others on the built-in
-    world's validation split, see the README);
+    world's validation split, see benchmarks/RESULTS.md);
   - ``"absolute"``: score units, P(j) ~ exp(s_j / T), whose meaning depends on
     how spread the scores of the data at hand are.
 

@@ -1,7 +1,7 @@
 """The built-in world: procedurally drawn, captioned 32x32 images.
 
 Why this world: HELIP helps where a model confuses pairs that differ in a few
-details. A first probe (METHOD.md section 5) used one object with four
+details. A first probe (docs/design.md, "The built-in world") used one object with four
 attributes; with only 480 combinations, every hard pair differed from its target
 in position alone and the hard batches taught little else. This world is
 combinatorially large instead: one or two objects, each with shape, colour, size

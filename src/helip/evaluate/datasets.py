@@ -1,6 +1,6 @@
 """Evaluation datasets on disk: image folders, caption files, WebDataset shards.
 
-Layouts (README "Evaluating" shows them in full):
+Layouts (docs/evaluation.md shows them in full):
 
 - image folder: ``DIR/<class>/<image>``, classes in sorted folder order, as
   torchvision's ``ImageFolder`` (and so CLIP_benchmark) numbers them;

@@ -287,8 +287,8 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     Returns ``HardPairs`` with ``indices`` int32 [N, k] (-1 where fewer than k
     candidates qualify) and ``scores`` float32 [N, k] (-inf there).
 
-    With ``out_dir`` the run is resumable and is written there in the format of
-    DESIGN.md section 3 (``extra_meta``, e.g. the dataset fingerprint, is added
+    With ``out_dir`` the run is resumable and is written there in the hard-pairs
+    format of docs/design.md (``extra_meta``, e.g. the dataset fingerprint, is added
     to meta.json); under torchrun every rank must call this with the same
     arguments, and all ranks return the merged result.
 

@@ -1,4 +1,4 @@
-"""Hard pairs on disk (DESIGN.md section 3) and the authors' CSV format.
+"""Hard pairs on disk (the format of docs/design.md, "File formats") and the authors' CSV format.
 
 Directory: ``hard_pairs.npy`` int32 [N, k] (best first, -1 padding),
 ``hard_scores.npy`` float32 [N, k] (-inf at padding), ``meta.json``. The meta
