@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test,app,open_clip_train]'
+	$(PY) -m pip install -q pandas fsspec  # the open_clip_train extra's packages, named again: pip 23's editable install skipped them
 	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
 
