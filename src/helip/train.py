@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, InputError
-from .io import save_json, save_text, save_torch
+from .io import dataset_fingerprint, remove_leftover_tmp, save_json, save_text, save_torch, torch_load
 from .losses import HardNegativeMarginLoss, HelipLoss, PartnerMasker
 from .mining.store import HardPairs
 from .models import DEMO_MODEL, load_model, save_checkpoint
@@ -515,6 +515,41 @@ def check_fresh_out_dir(out_dir: Path) -> None:
                           f"pass --resume auto to continue it, or choose another --out.")
 
 
+def _resume_state(cfg: TrainConfig, out_dir: Path) -> Tuple[Optional[Path], Optional[dict]]:
+    """(path, state) of the checkpoint to resume from, or (None, None) for a fresh start.
+
+    ``--resume auto`` skips a latest checkpoint that cannot be read (a damaged
+    file; a killed save leaves only a temporary file) for the newest readable
+    one, saying so; a named checkpoint must be readable.
+    """
+    path = _resume_path(cfg, out_dir)
+    if path is None:
+        return None, None
+    fix = "pass --resume auto or another checkpoints/step_N.pt file."
+    if cfg.resume != "auto":
+        return path, _checkpoint_state(path, fix)
+    found = [p for _, p in reversed(list_checkpoints(out_dir))]
+    for p in found:
+        try:
+            state = _checkpoint_state(p, fix)
+        except InputError as e:
+            log.warning("%s; trying the checkpoint before it", e)
+            continue
+        if p != found[0]:
+            log.warning("resuming from %s, the newest readable checkpoint (newer ones are damaged)", p)
+        return p, state
+    raise InputError(f"--resume auto: none of the {len(found)} checkpoints in {out_dir / CHECKPOINT_DIR} can be "
+                     f"read; remove them to start afresh, or choose another --out.")
+
+
+def _checkpoint_state(path: Path, fix: str) -> dict:
+    state = torch_load(path, "checkpoint", fix)
+    if not isinstance(state, dict) or not all(k in state for k in ("state_dict", "optimizer", "step", "config")):
+        raise InputError(f"checkpoint {path} is not a resumable helip checkpoint (model.pt and OpenCLIP "
+                         f"checkpoints are not); {fix}")
+    return state
+
+
 def _resume_path(cfg: TrainConfig, out_dir: Path) -> Optional[Path]:
     if cfg.resume is None:
         return None
@@ -534,7 +569,16 @@ def _check_compatible(saved: dict, cfg: TrainConfig, extra: dict, path: Path) ->
     if old["hard_temperature"] == now["hard_temperature"] == 0:  # a uniform draw has no temperature units
         old["hard_temperature_mode"] = now["hard_temperature_mode"]
     diff = [f"{k}: {old[k]!r} -> {now[k]!r}" for k in _TRAJECTORY if old[k] != now[k]]
-    diff += [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in extra.items() if saved.get(k) != v]
+    data_now, data_then = extra.get("data_fingerprint"), saved.get("data_fingerprint")
+    if data_now is not None and data_then is not None and data_now != data_then:  # (older checkpoints: none)
+        raise ConfigError(f"cannot resume from {path}: it was trained on another dataset ({data_then.get('count')} "
+                          f"pairs, caption hash {str(data_then.get('captions_sha256'))[:12]}; this one: "
+                          f"{data_now.get('count')} pairs, {str(data_now.get('captions_sha256'))[:12]}); "
+                          f"pass the --data it was trained on, or choose another --out.")
+    if saved["config"].get("pretrained") != cfg.pretrained:  # the run's weights would not be the ones asked for
+        diff.append(f"pretrained: {saved['config'].get('pretrained')!r} -> {cfg.pretrained!r}")
+    diff += [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in extra.items()
+             if k != "data_fingerprint" and saved.get(k) != v]
     if diff:
         raise ConfigError(f"cannot resume from {path}: options differ from the run that wrote it "
                           f"({'; '.join(diff)}); rerun with the same options or choose another --out.")
@@ -586,9 +630,11 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     remining = Remining(cfg.remine_every, hard, out_dir, device, cfg.batch_size, cfg.workers,
                         cfg.progress) if cfg.remine_every else None
     tb = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
-    resume_path = _resume_path(cfg, out_dir)
+    resume_path, resume_state = _resume_state(cfg, out_dir)  # read now: an unreadable one fails before work
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for d in (out_dir, out_dir / CHECKPOINT_DIR):  # temporary files of writes a killed run left behind
+            remove_leftover_tmp(d)
         if resume_path is None:
             for _, p in list_checkpoints(out_dir):  # a fresh run replaces an earlier run's outputs
                 log.warning("fresh run: removing %s of an earlier run", p)
@@ -610,7 +656,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
                           f"{cfg.accum_steps} micro-batches; lower --accum-steps or --batch-size.")
     trainer = Trainer(lm.model, cfg, device, info, hard.indices if use_hard and cfg.hnml_weight > 0 else None)
     run_extra = {"world_size": info.world_size, "num_samples": n,
-                 "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None}
+                 "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None,
+                 "data_fingerprint": dataset_fingerprint(pairs)}
 
     def use_hard_pairs(pairs: HardPairs) -> None:
         sampler.set_hard_pairs(pairs.indices, pairs.scores)
@@ -618,7 +665,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
 
     step, resumed_from = 0, None
     if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        state = resume_state
         _check_compatible(state, cfg, run_extra, resume_path)
         trainer.load_state_dict(state)
         restored = remining.load_state(state, n) if remining is not None else None
