@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .data.pairs import PairTensors
 from .data.sources import PairSource, UnreadableImage, check_bad_fraction
 from .errors import ConfigError, InputError
-from .io import load_npy, check_fingerprint, load_json, save_json, save_with
+from .io import array_digest, load_npy, check_fingerprint, load_json, save_json, save_with
 from .models import LoadedModel
 from .resumable import barrier, partial_dir, rank_and_world
 
@@ -112,6 +112,8 @@ def build_encoders(lm: Optional[LoadedModel], device: str = "cpu", text_encoder:
                    encode_image=lambda x: model.encode_image(x.to(device), normalize=True).float(),
                    encode_text=lambda t: model.encode_text(t.to(device), normalize=True).float())
         ident = {"model": lm.name, "pretrained": _file_identity(pretrained)}
+        if pretrained is None:  # random initial weights differ run to run: a resume must not mix two models
+            ident["weights"] = array_digest(*(v.detach().cpu().numpy() for v in model.state_dict().values()))
         enc["identity"] = {"image": ident, "text": ident}
     else:
         enc["identity"] = {}

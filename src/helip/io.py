@@ -168,6 +168,7 @@ def array_digest(*arrays: np.ndarray, block_rows: int = 65536) -> str:
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
         h.update(f"{a.shape}|{a.dtype.str}|".encode())
+        a = a.reshape(1) if a.ndim == 0 else a
         for s in range(0, max(len(a), 1), block_rows):
             h.update(np.ascontiguousarray(a[s:s + block_rows]).tobytes())
     return h.hexdigest()
