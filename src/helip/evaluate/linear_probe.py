@@ -101,8 +101,8 @@ def sweep_c(train_x, train_y, val_x, val_y, cfg: ProbeConfig,
         e = round(math.log10(best_c))
         if e == hi:
             hi += 1
-        elif e == lo:
-            lo -= 1
+        elif e == lo and lo < hi and scores[10.0 ** lo] > scores[10.0 ** (lo + 1)]:
+            lo -= 1  # (smaller C wins ties, so only a strictly better smallest decade points further down)
         else:
             break
         best_c, best_acc = fit([10.0 ** x for x in range(lo, hi + 1)])  # (the decades fitted before are reused)
@@ -125,7 +125,12 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, cs: Optiona
     else:
         best_c, best_acc, scores = sweep_c(train_x, train_y, val_x, val_y, cfg, models)
         n_fits, tried = len(scores), sorted(scores)
-    edge = "max" if best_c >= tried[-1] and len(tried) > 1 else "min" if best_c <= tried[0] and len(tried) > 1 else None
+    scored = [(c, scores[c]) for c in tried] if cs is None else None
+    edge = None
+    if len(tried) > 1 and best_c >= tried[-1]:
+        edge = "max"
+    elif len(tried) > 1 and best_c <= tried[0] and (scored is None or scored[0][1] > scored[1][1]):
+        edge = "min"   # a tie with the next C (a flat curve) is no sign that smaller would do better
     if edge:
         log.warning("linear probe: the chosen C=%.3g is the %s of the Cs tried (%.3g..%.3g); validation accuracy "
                     "may still improve beyond it (widen --probe-c-min/--probe-c-max)", best_c,
