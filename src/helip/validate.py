@@ -102,3 +102,10 @@ def precheck(args) -> None:
     if command == "embed" and values.get("pretrained") and values.get("text_encoder") and values.get("image_encoder"):
         raise ConfigError(f"--pretrained {values['pretrained']} would not be used: --text-encoder and "
                           f"--image-encoder replace both towers of the model; drop --pretrained or one of them.")
+    if command == "train":  # the option checks of TrainConfig, before the data and the model are loaded
+        import dataclasses
+
+        from .train import TrainConfig
+
+        names = {f.name for f in dataclasses.fields(TrainConfig)} - {"slip", "device"}
+        TrainConfig(**{k: values[k] for k in names if k in values}).validate()
