@@ -295,6 +295,11 @@ def test_probe_sweep_widens_at_the_edge():
     cold = fit_linear_probe(x[:200], y[:200], x[200:300], y[200:300], x[300:], y[300:],
                             cfg=ProbeConfig(c_min=1e-4, c_max=1e-3, refine_steps=2, warm_start=False))
     assert cold["C"] == r["C"] and abs(cold["accuracy"] - r["accuracy"]) <= 0.02
+    # a class seen only in validation: the refit on train+val cannot start from the train-only solution
+    y3 = y.copy()
+    y3[[210, 220]] = 2
+    r3 = fit_linear_probe(x[:200], y3[:200], x[200:300], y3[200:300], x[300:], y3[300:], cfg=cfg)
+    assert 0 <= r3["accuracy"] <= 1
 
 
 # ----------------------------------------------------------------------------- kill and resume

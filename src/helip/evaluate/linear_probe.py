@@ -135,8 +135,11 @@ def fit_linear_probe(train_x, train_y, val_x, val_y, test_x, test_y, cs: Optiona
         log.warning("linear probe: the chosen C=%.3g is the %s of the Cs tried (%.3g..%.3g); validation accuracy "
                     "may still improve beyond it (widen --probe-c-min/--probe-c-max)", best_c,
                     "largest" if edge == "max" else "smallest", tried[0], tried[-1])
-    clf = _fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), best_c, cfg.max_iter,
-               models.get(best_c) if models else None)
+    all_y = np.concatenate([train_y, val_y])
+    init = models.get(best_c) if models else None
+    if init is not None and not np.array_equal(np.unique(all_y), init.classes_):
+        init = None  # validation has classes training had not: other coefficient shapes
+    clf = _fit(np.concatenate([train_x, val_x]), all_y, best_c, cfg.max_iter, init)
     return {"accuracy": float(clf.score(test_x, test_y)), "C": float(best_c), "val_accuracy": float(best_acc),
             "n_fits": n_fits, "C_range": [float(tried[0]), float(tried[-1])], "C_at_edge": edge}
 
