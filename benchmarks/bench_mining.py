@@ -225,12 +225,12 @@ def real_base(log=print, steps: int = 300) -> tuple[np.ndarray, np.ndarray, dict
 
     import torch
 
-    from helip.demo import DemoConfig, _pretrain_key, default_cache_dir
+    from helip.app.demo import DemoConfig, _pretrain_key, default_cache_dir
     from helip.data import world
     from helip.data.pairs import prepare_pairs
     from helip.embed import encode_pairs
     from helip.models import load_model
-    from helip.train import train
+    from helip.training import train
 
     cfg = DemoConfig()
     cache = default_cache_dir()

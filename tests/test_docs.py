@@ -34,10 +34,8 @@ OCT_CMD = re.compile(r"-m\s+helip\.open_clip_train(?:\s+(.*))?$")
 
 
 def build_parser():
-    try:
-        from helip.app.cli import build_parser as bp
-    except ImportError:
-        from helip.cli import build_parser as bp
+    from helip.app.cli import build_parser as bp
+
     return bp()
 
 

@@ -25,12 +25,8 @@ from helip.models import CONFIG_DIR, load_model, register_configs
 
 N, BATCH = 32, 16
 
-try:  # the command line and TrainConfig, before and after the library / application split
-    from helip.app.cli import main as helip_main
-    from helip.training.config import TrainConfig
-except ImportError:
-    from helip.cli import main as helip_main
-    from helip.train import TrainConfig
+from helip.app.cli import main as helip_main
+from helip.training.config import TrainConfig
 
 
 def _write(root, n, seed=0):
@@ -204,7 +200,7 @@ def test_webdataset_shards_give_the_csv_batches(data, helip_run):
 def test_accum_freq_sees_the_partners_of_all_micro_batches(data, tmp_path, one_thread):
     """--accum-freq 2: the loss of the first step equals helip train's with --accum-steps 2 (the same 32 pairs,
     the mask spanning both micro-batches). Later steps differ: open_clip_train lets every recomputed micro-batch
-    add the logit scale's gradient, helip train only the last (see helip.train.Trainer)."""
+    add the logit scale's gradient, helip train only the last (see helip.training.Trainer)."""
     r = _octrain(_argv(data, "accum", extra=["--accum-freq", "2", "--helip-hard-pairs", str(data / "hp")]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert helip_main(["train", "--data", str(data / "pairs.tsv"), "--model", "helip-tiny-vit", "--pretrained",

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .data.pairs import PairTensors
 from .data.sources import PairSource, UnreadableImage, check_bad_fraction
 from .errors import ConfigError, InputError
-from .io import check_fingerprint, load_json, save_json, save_with
+from .io import array_digest, load_npy, check_fingerprint, load_json, save_json, save_with
 from .models import LoadedModel
 from .resumable import barrier, partial_dir, rank_and_world
 
@@ -112,6 +112,8 @@ def build_encoders(lm: Optional[LoadedModel], device: str = "cpu", text_encoder:
                    encode_image=lambda x: model.encode_image(x.to(device), normalize=True).float(),
                    encode_text=lambda t: model.encode_text(t.to(device), normalize=True).float())
         ident = {"model": lm.name, "pretrained": _file_identity(pretrained)}
+        if pretrained is None:  # random initial weights differ run to run: a resume must not mix two models
+            ident["weights"] = array_digest(*(v.detach().cpu().numpy() for v in model.state_dict().values()))
         enc["identity"] = {"image": ident, "text": ident}
     else:
         enc["identity"] = {}
@@ -336,6 +338,7 @@ def _write_embeddings(out_dir: Path, n: int, fp: dict, identity: dict, cfg: Embe
         n_empty = sum(r == "empty caption" for r in reasons)
         detail = f" ({n_empty} empty captions, {len(bad) - n_empty} unreadable images)"
         check_bad_fraction(len(bad), n, cfg.max_bad_fraction, detail)
+        (out_dir / "meta.json").unlink(missing_ok=True)  # an earlier result is replaced from here on
         _merge(paths, n, dims, cfg.dtype, out_dir)
         save_json(out_dir / "skipped.json", [{"index": i, "reason": r} for i, r in bad])
         save_json(out_dir / "meta.json", {
@@ -449,7 +452,7 @@ def load_embeddings(path: Path, expected_fingerprint: Optional[dict] = None) -> 
     for name in ("image.npy", "text.npy"):
         if not (path / name).is_file():
             raise InputError(f"{path / name} is missing; re-run `helip embed --out {path}`.")
-        arrays.append(np.load(path / name, mmap_mode="r"))
+        arrays.append(load_npy(path / name, f"re-run `helip embed --out {path}`."))
     img, txt = arrays
     if img.ndim != 2 or txt.ndim != 2 or len(img) != len(txt):
         raise InputError(f"{path}: image.npy {img.shape} and text.npy {txt.shape} must both be [N, d] with the "

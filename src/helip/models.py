@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -97,15 +98,45 @@ def load_model(model: str, pretrained: Optional[str] = None, device: str = "cpu"
     """
     name = resolve_model_name(model)
     check_pretrained(name, pretrained)
+    check_schema_weights(name, pretrained)
     try:
         m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
                                                                 **preprocess_overrides(name))
-    except RuntimeError as e:
-        if pretrained is not None and ("size mismatch" in str(e) or "Missing key" in str(e)):
-            raise InputError(f"checkpoint {pretrained} does not fit model {name!r} ({str(e).splitlines()[0]}); "
-                             f"pass the --model it was trained with.") from e
-        raise
+    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        if pretrained is None or not Path(pretrained).is_file():
+            raise
+        # torch's message is not passed on: for a file that is not a plain checkpoint it advises
+        # weights_only=False, which would run arbitrary code from the file
+        text = str(e)
+        if isinstance(e, (AssertionError, KeyError)) or any(
+                s in text for s in ("size mismatch", "Missing key", "Unexpected key", "width changed")):
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise InputError(f"checkpoint {pretrained} does not fit model {name!r} ({first[:200]}); "
+                             f"pass the --model it was trained with.") from None
+        raise InputError(f"checkpoint {pretrained} is not a readable PyTorch checkpoint (truncated, or not a "
+                         f"checkpoint: {type(e).__name__}); pass a complete checkpoint file.") from None
     return LoadedModel(name=name, model=m, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name))
+
+
+def check_schema_weights(name: str, pretrained: Optional[str]) -> None:
+    """OpenCLIP's ``hf-hub:``/``local-dir:`` models load their own weights and ignore ``pretrained`` (with
+    only a log line); a ``local-dir:`` without weights is randomly initialised. Both would embed or
+    train with weights other than the ones asked for, so both stop here."""
+    if not name.startswith(HUB_PREFIXES):
+        return
+    if pretrained is not None:
+        raise ConfigError(f"--pretrained {pretrained} would be ignored: OpenCLIP loads {name!r} with the weights "
+                          f"stored with it. Drop --pretrained, or pass the model's config (a name or JSON path) "
+                          f"as --model together with --pretrained.")
+    if name.startswith("local-dir:"):
+        d = Path(name[len("local-dir:"):])
+        if not (d / "open_clip_config.json").is_file():
+            raise InputError(f"--model {name}: {d / 'open_clip_config.json'} does not exist; point local-dir: at "
+                             f"a directory holding open_clip_config.json and the model's weights.")
+        find = getattr(open_clip.factory, "_find_checkpoint_in_dir", None)
+        if find is not None and not find(d):
+            raise InputError(f"--model {name}: no weights file in {d} (OpenCLIP would start from random weights); "
+                             f"add open_clip_model.safetensors or open_clip_pytorch_model.bin there.")
 
 
 def check_pretrained(name: str, pretrained: Optional[str]) -> None:

@@ -2,8 +2,10 @@
 
 Both write finished chunks to ``OUT/.partial/`` stamped with a key that names
 everything the result depends on; a rerun with the same key reuses the chunks,
-one with another key starts afresh. ``meta.json`` is removed first, so the
-directory does not look complete until the new result lands.
+one with another key starts afresh (logging one line that says so). An earlier
+complete result in ``OUT`` stays as it is (usable, ``meta.json`` included)
+until the new one has been computed: only the final writes replace it, so a
+rerun that fails leaves it intact.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Tuple
 import torch
 
 from .errors import InputError
-from .io import save_json
+from .io import remove_leftover_tmp, save_json
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,21 @@ def partial_dir(out_dir: Path, key: str, rank: int, made_with: str) -> Path:
     if rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if (out_dir / "meta.json").exists():
-                (out_dir / "meta.json").unlink()  # incomplete until the new result lands
-            if partial.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+            remove_leftover_tmp(out_dir)  # temporary files of writes a killed run left behind
+            if partial.exists() and not _stamp_is(stamp, key):
                 log.warning("discarding partial results in %s made with %s", partial, made_with)
                 shutil.rmtree(partial)
+            remove_leftover_tmp(partial)
             partial.mkdir(exist_ok=True)
             save_json(stamp, {"key": key})
         except OSError as e:
             raise InputError(f"cannot write to {out_dir} ({e.strerror}); choose an --out directory you can write to.")
     barrier()
     return partial
+
+
+def _stamp_is(stamp: Path, key: str) -> bool:
+    try:
+        return json.loads(stamp.read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False

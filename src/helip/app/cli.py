@@ -215,8 +215,20 @@ def _add_world(p: argparse.ArgumentParser, model=True) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message} (see `{prog} --help`)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), exit status 2 like every user error."""
+
+    def error(self, message: str):
+        raise _UsageError(self.prog, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="helip", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="helip", description=__doc__.splitlines()[0])
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -385,9 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .validate import precheck
+
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     _setup_logging(args.verbose)
     try:
+        precheck(args)  # output paths, option values: before any heavy work
         args.func(args)
     except HelipError as e:
         print(f"helip {args.command}: error: {e}", file=sys.stderr)

@@ -167,6 +167,12 @@ def is_benchmark(results: Dict) -> bool:
 
 def merge_results(items: List[tuple]) -> Dict:
     """Merge several results.json of one kind (``[(label, results)]``); clashing variant names get the label."""
+    from ..errors import InputError
+
+    for label, r in items:
+        if not isinstance(r, dict) or not all(isinstance(v, dict) for v in r.values()):
+            raise InputError(f"--results {label}: not a helip results.json (a JSON object of variants, each an "
+                             f"object); pass the results.json that `helip eval` or `helip demo` wrote.")
     kinds = {is_benchmark(r) for _, r in items}
     if len(kinds) > 1:
         from ..errors import ConfigError

@@ -54,7 +54,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, InputError
-from ..io import fingerprint, save_json
+from ..io import fingerprint, reading_text, save_json
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def read_table(path: Path, img_key: str, caption_key: str, sep: Optional[str]) -
     """A CSV/TSV as OpenCLIP reads it: a header naming the image-path and caption columns."""
     if not path.is_file():
         raise InputError(f"--data {path}: no such file.")
-    with open(path, newline="", encoding="utf-8") as f:
+    with reading_text(path, "--data"), open(path, newline="", encoding="utf-8") as f:
         header = f.readline().rstrip("\r\n")
         if sep is None:
             sep = _pick_separator(header, (img_key, caption_key)) or ("\t" if "\t" in header else ",")
@@ -210,7 +210,7 @@ def read_jsonl(path: Path) -> FilePairs:
         raise InputError(f"--data {path}: no such file.")
     base = path.parent
     paths, caps = [], []
-    with open(path, encoding="utf-8") as f:
+    with reading_text(path, "--data"), open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -443,6 +443,10 @@ class PairDataset(_TorchDataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def fingerprint(self) -> dict:
+        """The source's caption fingerprint (what resumed training checks it continues on)."""
+        return self.source.fingerprint()
 
     def load(self, i: int):
         """Pair i as tensors, or None when it is unusable."""

@@ -48,6 +48,9 @@ class UsablePairs(Dataset):
     def __getitem__(self, c: int):
         return self.pairs[int(self.usable[c])]
 
+    def fingerprint(self) -> dict:
+        return self.pairs.fingerprint()
+
 
 def restrict_hard_pairs(hard: HardPairs, usable: np.ndarray) -> HardPairs:
     """The rows of the usable targets, their entries renumbered to compact indices.

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
+from ..io import reading_text
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,11 @@ def find_shards(path: Path, split: str) -> Optional[Tuple[List[Path], List[Path]
         shards = sorted(shard_dir.glob("*.tar"), key=_natural_key)
         if shards:
             return shards, meta_dirs
+    others = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")
+                    and ((d / "nshards.txt").is_file() or any(d.glob("*.tar")))) if path.is_dir() else []
+    if others:  # a WebDataset directory without the asked split
+        raise InputError(f"{path} has no {split}/ split (its WebDataset splits: {', '.join(others)}); "
+                         f"pass --split {others[0]}.")
     return None
 
 
@@ -284,14 +290,14 @@ def open_retrieval(path, split: str = "test") -> ImageSet:
     rows: List[Tuple[str, List[str]]] = []
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
+        with reading_text(path, "caption set"), open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             keys = reader.fieldnames or []
             ik, ck = _pick(keys, IMAGE_KEYS, "image", path), _pick(keys, CAPTION_KEYS, "caption", path)
             for row in reader:
                 rows.append((row[ik], [row[ck] or ""]))
     elif suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
+        with reading_text(path, "caption set"), open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue

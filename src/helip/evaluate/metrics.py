@@ -6,9 +6,16 @@
   (sklearn's ``balanced_accuracy_score``, which CLIP_benchmark calls).
 - retrieval R@k with several captions per image: text->image, a caption's hit
   is its own image in the top k; image->text, an image's hit is any of its
-  captions in the top k. Computed as ranks (how many non-matching items score
-  strictly above the best match), in blocks so COCO's 5k x 25k matrix is
-  never held at once.
+  captions in the top k. Computed as ranks, in blocks so COCO's 5k x 25k
+  matrix is never held at once.
+
+Ties count against the model: an item's rank is the number of non-matching
+items scoring *at least as high* as the best match, so a match tied with a
+non-match is ranked below it. (CLIP_benchmark's ``topk`` breaks ties in an
+arbitrary order; counting them in the model's favour would make a set with
+repeated captions -- the same text under several images -- score hits the
+model cannot tell apart.) This is the pessimistic end of the expected rank
+under random tie-breaking; without ties all three agree.
 """
 from __future__ import annotations
 
@@ -43,13 +50,13 @@ def retrieval_metrics(image_features: np.ndarray, text_features: np.ndarray, tex
     for s in range(0, n_txt, block):
         sim = txt[s:s + block] @ img.T                                   # [b, n_img]
         pos = sim.gather(1, owner[s:s + block, None])
-        t2i_rank[s:s + block] = (sim > pos).sum(dim=1)
+        t2i_rank[s:s + block] = (sim >= pos).sum(dim=1) - 1           # ties against the model; -1: itself
     i2t_rank = torch.empty(n_img, dtype=torch.long, device=device)
     for s in range(0, n_img, block):
         sim = img[s:s + block] @ txt.T                                   # [b, n_txt]
         own = owner[None, :] == torch.arange(s, min(s + block, n_img), device=device)[:, None]
         best_pos = sim.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
-        i2t_rank[s:s + block] = ((sim > best_pos) & ~own).sum(dim=1)
+        i2t_rank[s:s + block] = ((sim >= best_pos) & ~own).sum(dim=1)  # ties against the model
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = float((i2t_rank < k).float().mean())

@@ -57,7 +57,7 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
     out = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
         correct = s.diagonal().unsqueeze(1)
-        rank = (s > correct).sum(dim=1)  # number of items scored strictly above the match
+        rank = (s >= correct).sum(dim=1) - 1  # other items scored at least as high: ties count against the model
         for k in ks:
             out[f"{name}_r{k}"] = float((rank < k).float().mean())
     return out

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, InputError
-from ..io import save_json, save_npy, save_with
+from ..io import array_digest, save_json, save_npy, save_with
 from ..resumable import barrier, partial_dir, rank_and_world
 from .ann import build_cells, default_nlist, group, recall_at_k, search_ann
 from .exact import PRECISIONS, search_exact, search_exact_lowp
@@ -324,7 +324,9 @@ def mine_hard_pairs(image_embeddings: np.ndarray, text_embeddings: np.ndarray, c
     key = cfg.search_key(n)
     if keep is not None:  # the same n can be another selection of pairs
         key = hashlib.sha256((key + hashlib.sha256(keep.tobytes()).hexdigest()).encode()).hexdigest()[:16]
-    partial = partial_dir(out_dir, key, rank, "other options") if out_dir is not None else None
+    if out_dir is not None:  # partial work on other embeddings (same N, re-embedded) must not be reused
+        key = hashlib.sha256((key + array_digest(image_embeddings, text_embeddings)).encode()).hexdigest()[:16]
+    partial = partial_dir(out_dir, key, rank, "other options or other embeddings") if out_dir is not None else None
 
     t0 = time.perf_counter()
     run.decide(partial, rank)

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InputError
-from ..io import check_fingerprint, load_json, save_json, save_npy, save_with
+from ..io import check_fingerprint, load_npy, load_json, save_json, save_npy, save_with
 
 
 @dataclass
@@ -50,8 +50,8 @@ def load_hard_pairs(path: Path, expected_fingerprint: Optional[dict] = None) -> 
     for name in ("hard_pairs.npy", "hard_scores.npy"):
         if not (path / name).is_file():
             raise InputError(f"{path / name} is missing; re-run `helip mine --out {path}`.")
-    indices = np.load(path / "hard_pairs.npy", mmap_mode="r")
-    scores = np.load(path / "hard_scores.npy", mmap_mode="r")
+    indices = load_npy(path / "hard_pairs.npy", f"re-run `helip mine --out {path}`.")
+    scores = load_npy(path / "hard_scores.npy", f"re-run `helip mine --out {path}`.")
     if indices.shape != scores.shape or indices.ndim != 2:
         raise InputError(f"{path}: hard_pairs.npy {indices.shape} and hard_scores.npy {scores.shape} disagree; "
                          f"re-run `helip mine --out {path}`.")

@@ -46,12 +46,12 @@ from tqdm.auto import tqdm
 
 from ..data.indexed import EpochSlice, IndexedBatches, as_pair_dataset
 from ..errors import ConfigError, InputError
-from ..io import save_json, save_torch
+from ..io import dataset_fingerprint, remove_leftover_tmp, save_json, save_torch
 from ..mining.store import HardPairs
 from ..models import load_model, save_checkpoint
 from ..sampler import HardPairBatchSampler
-from .checkpoint import check_compatible, check_fresh_out_dir, checkpoint_path, list_checkpoints, prune_log, \
-    resume_path
+from .checkpoint import (CHECKPOINT_DIR, check_compatible, check_fresh_out_dir, checkpoint_path, list_checkpoints,
+                         prune_log, resume_state)
 from .config import TrainConfig, TrainResult
 from .distributed import dist_info, loader_seed, resolve_device
 from .hooks import TrainHook
@@ -108,11 +108,13 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     if cfg.remine_every:
         hooks.append(Remining(cfg.remine_every, hard, out_dir, device, cfg.batch_size, cfg.workers, cfg.progress))
     tb = _tensorboard(out_dir) if cfg.tensorboard and info.is_main else None
-    resume_from = resume_path(cfg.resume, out_dir)
+    resume_from, resume_saved = resume_state(cfg.resume, out_dir)  # an unreadable one fails before any work
     if resume_from is None and not overwrite:
         check_fresh_out_dir(out_dir)  # as the CLI: an earlier run's checkpoints are never deleted unasked
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for d in (out_dir, out_dir / CHECKPOINT_DIR):  # temporary files of writes a killed run left behind
+            remove_leftover_tmp(d)
         if resume_from is None:
             for _, p in list_checkpoints(out_dir):  # overwrite: a fresh run replaces an earlier run's outputs
                 log.warning("fresh run: removing %s of an earlier run", p)
@@ -135,7 +137,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
                           f"{cfg.accum_steps} micro-batches; lower --accum-steps or --batch-size.")
     trainer = Trainer(model, cfg, device, info, hard.indices if use_hard and cfg.hnml_weight > 0 else None)
     run_extra = {"world_size": info.world_size, "num_samples": n,
-                 "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None}
+                 "hard_pairs_fingerprint": hard.meta.get("fingerprint") if use_hard else None,
+                 "data_fingerprint": dataset_fingerprint(pairs)}
 
     def use_hard_pairs(new: Optional[HardPairs]) -> None:
         if new is not None:
@@ -145,7 +148,7 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     # resume
     step, resumed_from = 0, None
     if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        state = resume_saved
         check_compatible(state, cfg, run_extra, resume_from)
         trainer.load_state_dict(state)
         for hook in hooks:
