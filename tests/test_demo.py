@@ -6,7 +6,7 @@ import open_clip
 import torch
 
 from helip.cli import main
-from helip.data import world
+from helip.app import worlds as world
 from helip.data.pairs import prepare_pairs
 from helip.embed import encode_pairs
 from helip.models import load_model, register_configs

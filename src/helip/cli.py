@@ -24,11 +24,11 @@ def _setup_logging(verbose: bool) -> None:
 
 def _world_split(args):
     """The built-in world's training split (the only dataset until CSV/shards land)."""
-    from .data import world
+    from .app import worlds
 
     if args.data != "world":
         raise ConfigError(f"--data {args.data!r}: only the built-in world ('world') is supported so far.")
-    return world.generate(args.n_train, args.world_seed, "train")
+    return worlds.generate(args.n_train, args.world_seed, "train")
 
 
 def _model_and_pairs(args, split):
@@ -126,7 +126,7 @@ def cmd_train(args) -> None:
     from .io import fingerprint
     from .mining import load_hard_pairs
     from .slip import SlipConfig
-    from .train import TrainConfig, check_fresh_out_dir, train
+    from .train import TrainConfig, check_fresh_out_dir, dist_info, steps_for_epochs, train
 
     if args.resume is None:
         check_fresh_out_dir(Path(args.out))
@@ -147,7 +147,9 @@ def cmd_train(args) -> None:
         data = build_training_data(source, lm.preprocess, lm.tokenizer, hard, args.max_bad_fraction)
         del lm
         pairs, hard = data.dataset, data.hard
-    cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=args.steps, batch_size=args.batch_size,
+    steps = args.steps if args.steps is not None else steps_for_epochs(len(pairs), args.epochs, args.batch_size, args.accum_steps,
+                                           dist_info().world_size)
+    cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
                       hnml_weight=args.hnml_weight if hard is not None else 0.0, hnml_margin=args.hnml_margin,
@@ -298,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--hard-pairs", default=None, help="hard-pairs directory; omit for random batches")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--epochs", type=float, default=2.0,
+                   help="length of training in epochs of image-text pairs seen (default %(default)s): "
+                        "epochs x pairs / (batch size x accum steps x ranks) steps, the same for random "
+                        "batches and hard-pair batches (a HELIP batch of B holds B/2 targets and B/2 "
+                        "partners, so one epoch does not make every pair a target)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)

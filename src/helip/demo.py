@@ -23,10 +23,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .data import world
+from .app import worlds
 from .data.pairs import PairTensors, prepare_pairs
 from .embed import EmbedConfig, embed, load_embeddings
-from .evaluate import EvalConfig, evaluate_model
+from .app.worlds import EvalConfig, evaluate_model
 from .io import save_json
 from .mining import MineConfig, mine_hard_pairs
 from .models import CONFIG_DIR, load_model
@@ -48,6 +48,7 @@ def default_cache_dir() -> Path:
 class DemoConfig:
     """Sizes and hyperparameters of the demo. ``quick()`` gives the test-sized run."""
 
+    world: str = "builtin"  # a world of the family (helip.app.worlds); world_seed is its sample seed
     world_seed: int = 0
     n_train: int = 20000
     n_val: int = 2000
@@ -94,9 +95,12 @@ def _pretrain_key(cfg: DemoConfig) -> str:
     if pretrain["hard_per_target"] == 0 or pretrain.get("hard_temperature") == 0:  # random batches or a uniform
         pretrain.pop("hard_temperature", None)  # draw: the partner temperature (and its units) cannot matter
         pretrain.pop("hard_temperature_mode", None)
-    blob = json.dumps({"world_seed": cfg.world_seed, "n_train": cfg.n_train, "pretrain": pretrain,
-                       "model_cfg": model_cfg.read_text() if model_cfg.exists() else cfg.pretrain.model,
-                       "world_version": world.WORLD_VERSION}, sort_keys=True)
+    key = {"world_seed": cfg.world_seed, "n_train": cfg.n_train, "pretrain": pretrain,
+           "model_cfg": model_cfg.read_text() if model_cfg.exists() else cfg.pretrain.model,
+           "world_version": worlds.get_world(cfg.world).version}
+    if cfg.world != "builtin":  # the built-in world keeps the key it had before the family existed
+        key["world"] = worlds.get_world(cfg.world).describe()
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -116,15 +120,16 @@ def pretrained_checkpoint(cfg: DemoConfig, train_pairs: PairTensors, cache_dir: 
 class DemoWorld:
     """The demo's splits, prepared for the model, with their evaluation tasks."""
 
-    splits: Dict[str, world.WorldSplit]
+    splits: Dict[str, worlds.WorldSplit]
     tensors: Dict[str, PairTensors]
-    tasks: Dict[str, List[world.ZeroShotTask]]
+    tasks: Dict[str, List[worlds.ZeroShotTask]]
     probe_train: PairTensors
     probe_labels: Dict[str, np.ndarray]
 
 
 def build_world(cfg: DemoConfig) -> DemoWorld:
     """Generate train/val/test, apply the model's OpenCLIP transform and tokenizer, build the tasks."""
+    world = worlds.get_world(cfg.world)
     splits = {"train": world.generate(cfg.n_train, cfg.world_seed, "train"),
               "val": world.generate(cfg.n_val, cfg.world_seed, "val"),
               "test": world.generate(cfg.n_test, cfg.world_seed, "test")}
@@ -201,7 +206,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
             results[name] = {**r["test"], "val": r["val"]}
 
     results["meta"] = {
-        "seed": seed, "world_seed": cfg.world_seed, "quick": quick, "model": cfg.pretrain.model,
+        "seed": seed, "world": cfg.world, "world_seed": cfg.world_seed, "quick": quick, "model": cfg.pretrain.model,
         "objective": cfg.objective,
         "pretrained_checkpoint": str(start_ckpt), "split_sizes": {k: len(v) for k, v in splits.items()},
         "continued_training": asdict(cfg.continued), "mining": hard.meta, "timings_seconds": timings,

@@ -258,6 +258,19 @@ class DistInfo:
         return self.rank == 0
 
 
+def steps_for_epochs(n_pairs: int, epochs: float, batch_size: int, accum_steps: int = 1, world_size: int = 1) -> int:
+    """Optimiser steps in which the model sees ``epochs`` times ``n_pairs`` image-text pairs.
+
+    An epoch is counted in pairs seen, not in targets: a HELIP batch of 128 is
+    64 targets and 64 partners, so the sampler's own epoch (every pair a target
+    once) is twice as many steps as a random-batch epoch. Counting pairs gives
+    baseline and HELIP the same number of steps, hence the same pairs seen.
+    """
+    if n_pairs < 1 or epochs <= 0:
+        raise ConfigError(f"epochs must be positive and the data non-empty, got {epochs} epochs of {n_pairs} pairs.")
+    return max(1, math.ceil(epochs * n_pairs / (batch_size * accum_steps * world_size)))
+
+
 def dist_info() -> DistInfo:
     """Rank and world size of the joined process group (torchrun), or a single process."""
     if dist.is_available() and dist.is_initialized():

@@ -3,7 +3,7 @@
 Hard-pair batches put a target beside partners from anywhere in the dataset, so
 every format must answer "pair i" without streaming through pairs 0..i-1:
 
-- ``world``: the built-in world (``helip.data.world``), generated in memory;
+- ``world``: the built-in world (``helip.app.worlds``), generated in memory;
 - ``*.csv`` / ``*.tsv``: a table as OpenCLIP's ``--csv-img-key filepath
   --csv-caption-key title --csv-separator "\\t"`` read it; image paths may be
   relative to the table's directory; the separator, when not given, is the one
@@ -140,9 +140,9 @@ class WorldSource(PairSource):
     kind = "world"
 
     def __init__(self, n: int, seed: int):
-        from . import world
+        from ..app.worlds import generate
 
-        self.split = world.generate(n, seed, "train")
+        self.split = generate(n, seed, "train")
         self.seed = seed
         super().__init__("world", list(self.split.captions))
 

@@ -121,11 +121,11 @@ def dataset_specs(args) -> List[DatasetSpec]:
 
 def eval_world(models: List[ModelSpec], args, device: str) -> dict:
     """The built-in world's val and test splits, as ``helip demo`` evaluates them."""
-    from ..data import world
+    from ..app.worlds import EvalConfig, evaluate_model, get_world
     from ..data.pairs import prepare_pairs
     from ..models import load_model
-    from .world import EvalConfig, evaluate_model
 
+    world = get_world(getattr(args, "world", "builtin"))
     splits = {s: world.generate(n, args.world_seed, s)
               for s, n in (("train", args.n_probe_train), ("val", args.n_val), ("test", args.n_test))}
     tasks = {s: world.zeroshot_tasks(splits[s]) for s in ("val", "test")}
