@@ -28,7 +28,7 @@ def _world_split(args):
 
     if args.data != "world":
         raise ConfigError(f"--data {args.data!r}: only the built-in world ('world') is supported so far.")
-    return worlds.generate(args.n_train, args.world_seed, "train")
+    return worlds.generate(args.n_train, args.world_seed, "train", getattr(args, "world", "builtin"))
 
 
 def _model_and_pairs(args, split):

@@ -59,6 +59,7 @@ class DemoConfig:
     # 700 steps and partners drawn with relative temperature 0.05 (helip train's default; = the absolute 0.01
     # first measured, on this world): chosen on validation by bench_quality.py over 3 seeds (README "Results");
     # at 300 steps the gain was small
+    # (700 steps = 4.5 epochs of pairs seen; `helip train` defaults to the paper's 2 epochs, 313 steps here)
     continued: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=700, batch_size=128, lr=1e-3, warmup_steps=20, hard_per_target=1, top_k=50,
         hnml_weight=1.0, hnml_margin=0.2, hard_temperature=0.05, hard_temperature_mode="relative", log_every=10))

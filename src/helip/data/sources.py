@@ -76,7 +76,8 @@ class DataConfig:
     csv_caption_key: str = "title"
     csv_separator: Optional[str] = None   # None: tab or comma, whichever the header splits into both keys
     n_train: int = 20000                  # world only
-    world_seed: int = 0                   # world only
+    world_seed: int = 0                   # world only: the sample seed
+    world: str = "builtin"                # world only: which world of the family (helip.app.worlds)
     index_dir: Optional[str] = None       # shard indexes here instead of beside the shards
     max_bad_fraction: float = 0.01
     progress: bool = True                 # a progress bar while shards are indexed
@@ -139,18 +140,19 @@ class PairSource:
 class WorldSource(PairSource):
     kind = "world"
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, world: str = "builtin"):
         from ..app.worlds import generate
 
-        self.split = generate(n, seed, "train")
-        self.seed = seed
+        self.split = generate(n, seed, "train", world)
+        self.seed, self.world = seed, world
         super().__init__("world", list(self.split.captions))
 
     def _image(self, i: int) -> Image.Image:
         return Image.fromarray(self.split.images[i])
 
     def describe(self) -> dict:
-        return {**super().describe(), "world_seed": self.seed}
+        extra = {} if self.world == "builtin" else {"world": self.world}
+        return {**super().describe(), "world_seed": self.seed, **extra}
 
 
 class FilePairs(PairSource):
@@ -395,7 +397,7 @@ def open_pairs(spec_or_config, **overrides) -> PairSource:
     spec = cfg.data
     low = spec.lower()
     if spec == "world":
-        return WorldSource(cfg.n_train, cfg.world_seed)
+        return WorldSource(cfg.n_train, cfg.world_seed, cfg.world)
     if low.endswith((".csv", ".tsv")):
         return read_table(Path(spec), cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
     if low.endswith(".jsonl"):
@@ -481,7 +483,8 @@ def add_data_arguments(p, world: bool = True) -> None:
     p.add_argument("--index-dir", default=None, help="where shard indexes are cached (default: beside the shards)")
     if world:
         p.add_argument("--n-train", type=int, default=d.n_train, help="pairs in the built-in world's training split")
-        p.add_argument("--world-seed", type=int, default=d.world_seed)
+        p.add_argument("--world-seed", type=int, default=d.world_seed, help="sample seed inside the world")
+        p.add_argument("--world", default=d.world, help="which world of the family: builtin (default), w1 ... w7")
 
 
 def data_config_from_args(args) -> DataConfig:
