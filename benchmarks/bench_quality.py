@@ -374,19 +374,19 @@ def main(argv=None) -> int:
 # world sizes, model and starting-model schedule of the protocol; "quick" is what fits the 2-core CPU
 PROTOCOLS = {
     "quick": {"n_train": 2000, "n_val": 500, "n_test": 1000, "n_probe_train": 1000, "batch_size": 64,
-              "pretrain_steps": 600, "max_pretrain_steps": 2400, "mine_k": 20},
+              "pretrain_steps": 600, "max_pretrain_steps": 1200, "mine_k": 20},
     "full": {"n_train": 10000, "n_val": 1000, "n_test": 2000, "n_probe_train": 3000, "batch_size": 128,
              "pretrain_steps": 2000, "max_pretrain_steps": 16000, "mine_k": 50},
     # the test suite's: checks the machinery, measures nothing
     "smoke": {"n_train": 128, "n_val": 64, "n_test": 64, "n_probe_train": 64, "batch_size": 32,
-              "pretrain_steps": 16, "max_pretrain_steps": 32, "mine_k": 5},
+              "pretrain_steps": 16, "max_pretrain_steps": 32, "mine_k": 5, "plateau_points": 2},
 }
 PROTOCOL_MODEL = "helip-micro-vit"  # small enough that a starting model reaches its plateau on a CPU
 # the plateau rule: the starting model's validation zero-shot mean gains less than this over the last quarter of
 # its pretraining steps (curve from 8 evenly spaced checkpoints); otherwise pretraining is redone twice as long,
 # up to the protocol's max_pretrain_steps (a model still rising there is reported as not at its plateau)
 PLATEAU_GAIN = 0.005
-PLATEAU_POINTS = 8
+PLATEAU_POINTS = 8  # checkpoints on the curve (the smoke protocol uses 2)
 
 
 def git_commit() -> dict:
@@ -423,7 +423,8 @@ def plateau_pretrain(cfg: DemoConfig, w, proto: dict, cache_dir: Path):
 
     steps, attempts = proto["pretrain_steps"], []
     while True:
-        cfg.pretrain = replace(cfg.pretrain, steps=steps, save_every=max(1, steps // PLATEAU_POINTS))
+        points = proto.get("plateau_points", PLATEAU_POINTS)
+        cfg.pretrain = replace(cfg.pretrain, steps=steps, save_every=max(1, steps // points))
         run_dir = cache_dir / f"pretrain-{_pretrain_key(cfg)}"
         curve_path = run_dir / "plateau_curve.json"
         t0 = time.perf_counter()
@@ -574,8 +575,12 @@ def main_worlds(argv) -> int:
     ap.add_argument("--split", default=None, choices=("val", "test"),
                     help="split of the comparison tables (default: val for dev worlds, test otherwise)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--render", default=None,
+                    help="only rewrite the tables of this JSON (also a partial one, from an interrupted run)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.render:
+        return render(Path(args.render), args.split)
     worlds = list(WORLD_SETS.get(args.worlds, args.worlds.split(",")))
     for n in worlds:
         get_world(n)  # unknown names fail here, before any work
@@ -613,19 +618,34 @@ def main_worlds(argv) -> int:
         print(f"{name}: starting model {p['steps']} steps, at plateau: {p['at_plateau']}; "
               f"pretrained val zs {report['results'][name]['pretrained']['val']['zeroshot_mean']:.4f}", flush=True)
         save_json(out, report)
-    split = args.split or ("test" if held_out else "val")
-    report["comparisons"] = [compare(report["results"], v, split=split) for v in names if v != "baseline"]
-    if not held_out:  # selection happens on development worlds only, on validation
-        val = {v: np.mean([r["summary"][v]["val"]["zeroshot_mean"]["mean"] for r in report["results"].values()])
-               for v in names if v in HELIP_FAMILY}
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    return render(out, args.split, report)
+
+
+def render(out: Path, split=None, report=None) -> int:
+    """Comparisons, selection (development worlds only) and the Markdown tables of a report."""
+    from helip.app.worlds import WORLD_SETS
+
+    report = report or json.loads(out.read_text())
+    held_out = set(report["results"]) & set(WORLD_SETS["heldout"])
+    split = split or ("test" if held_out else "val")
+    done = {n: r for n, r in report["results"].items() if "summary" in r}
+    report["complete"] = (set(done) == set(report["worlds"]) and all(
+        len(r["runs"]) == len(report["variants"]) * len(report["seeds"]) for r in done.values()))
+    report["comparisons"] = [compare(done, v, split=split) for v in report["variants"] if v != "baseline"]
+    if not held_out and done:  # selection happens on development worlds only, on validation
+        val = {v: float(np.mean([r["summary"][v]["val"]["zeroshot_mean"]["mean"] for r in done.values()]))
+               for v in report["variants"] if v in HELIP_FAMILY and all(v in r["summary"] for r in done.values())}
         report["selected_on_val"] = max(val, key=val.get) if val else None
         report["val_zeroshot_mean_over_worlds"] = val
-    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     save_json(out, report)
     text = markdown_worlds(report)
+    if not report["complete"]:
+        text = ("**Partial run**: not every world, variant and seed finished; seeds per row are in the JSON.\n\n"
+                + text)
     save_text(out.with_suffix(".md"), text)
     print(text)
-    print(f"total {report['total_seconds']} s; wrote {out}")
+    print(f"total {report.get('total_seconds')} s; wrote {out}")
     return 0
 
 

@@ -116,7 +116,7 @@ def test_bench_quality_worlds_smoke(tmp_path, monkeypatch):
     r = json.loads(out.read_text())
     assert r["git"]["commit"] and r["machine"]["cpu_count"] and r["options"]["worlds"] == "w2"
     w2 = r["results"]["w2"]
-    assert [c["step"] for c in w2["plateau"]["attempts"][0]["curve"]] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [c["step"] for c in w2["plateau"]["attempts"][0]["curve"]] == [8, 16]
     assert {run["variant"] for run in w2["runs"]} == {"baseline", "helip"}
     assert r["comparisons"][0]["split"] == "val" and "w2" in r["comparisons"][0]["per_world"]
     assert "helip - baseline" in out.with_suffix(".md").read_text()
