@@ -123,3 +123,13 @@ def test_bench_quality_worlds_smoke(tmp_path, monkeypatch):
     # held-out worlds are never searched
     with pytest.raises(SystemExit):
         bq.main(["--worlds", "heldout", "--protocol", "smoke", "--variants", "baseline,helip,mix0.5"])
+
+
+def test_cli_train_epochs_on_a_family_world(tmp_path):
+    from helip.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--world", "w2", "--n-train", "64", "--batch-size", "32", "--epochs", "1.5",
+                 "--out", str(out)]) == 0
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["steps"] == 3  # ceil(1.5 x 64 / 32): the same for random and hard-pair batches
