@@ -53,6 +53,17 @@ meant before they existed), so a variant whose meaning changed since (like
 ``helip`` when the demo's defaults changed) is relabelled or dropped, never
 mislabelled; what it keeps or drops is printed.
 
+The family protocol (docs/worlds.md): ``--worlds dev|heldout|all`` (or a list
+of world names) runs baseline vs HELIP on each world of the set from a starting
+model trained to the plateau rule, for ``--epochs`` (default 2) epochs of pairs
+seen, and compares per world and averaged over the worlds (validation on
+development worlds, test on held-out ones; ablation variants are refused on
+held-out worlds). ``--quick`` is the 2-core-CPU sized protocol; ``--render
+JSON`` re-tables a run, also an interrupted one.
+
+    .venv/bin/python benchmarks/bench_quality.py --worlds dev|heldout|all [--quick] [--variants baseline,helip]
+        [--seeds 0,1,2] [--epochs 2] [--lr LR] [--jobs J] [--out PATH]
+
 Writes JSON (after every run, so a killed run keeps what it finished) and a
 Markdown table beside it. Not part of the test suite. Mining with an external
 encoder is not among the ablations: none is available offline here.
