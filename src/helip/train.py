@@ -266,6 +266,9 @@ def steps_for_epochs(n_pairs: int, epochs: float, batch_size: int, accum_steps: 
     once) is twice as many steps as a random-batch epoch. Counting pairs gives
     baseline and HELIP the same number of steps, hence the same pairs seen.
     """
+    for name, v in (("batch_size", batch_size), ("accum_steps", accum_steps), ("world_size", world_size)):
+        if v < 1:
+            raise ConfigError(f"{name} must be at least 1, got {v}.")
     if n_pairs < 1 or epochs <= 0:
         raise ConfigError(f"epochs must be positive and the data non-empty, got {epochs} epochs of {n_pairs} pairs.")
     return max(1, math.ceil(epochs * n_pairs / (batch_size * accum_steps * world_size)))
