@@ -226,7 +226,7 @@ def real_base(log=print, steps: int = 300) -> tuple[np.ndarray, np.ndarray, dict
     import torch
 
     from helip.app.demo import DemoConfig, _pretrain_key, default_cache_dir
-    from helip.data import world
+    from helip.app import worlds as world
     from helip.data.pairs import prepare_pairs
     from helip.embed import encode_pairs
     from helip.models import load_model
@@ -236,7 +236,7 @@ def real_base(log=print, steps: int = 300) -> tuple[np.ndarray, np.ndarray, dict
     cache = default_cache_dir()
     demo_ckpt = cache / f"pretrain-{_pretrain_key(cfg)}" / "model.pt"
     source = f"demo checkpoint {demo_ckpt.parent.name}" if demo_ckpt.is_file() else f"demo model trained {steps} steps"
-    key = hashlib.sha256(json.dumps([source, REAL_BASE, cfg.world_seed, world.WORLD_VERSION]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([source, REAL_BASE, cfg.world_seed, world.get_world("builtin").version]).encode()).hexdigest()[:12]
     path = cache / f"bench-mining-real-{key}.npz"
     if path.is_file():
         with np.load(path) as z:

@@ -53,6 +53,17 @@ meant before they existed), so a variant whose meaning changed since (like
 ``helip`` when the demo's defaults changed) is relabelled or dropped, never
 mislabelled; what it keeps or drops is printed.
 
+The family protocol (docs/worlds.md): ``--worlds dev|heldout|all`` (or a list
+of world names) runs baseline vs HELIP on each world of the set from a starting
+model trained to the plateau rule, for ``--epochs`` (default 2) epochs of pairs
+seen, and compares per world and averaged over the worlds (validation on
+development worlds, test on held-out ones; ablation variants are refused on
+held-out worlds). ``--quick`` is the 2-core-CPU sized protocol; ``--render
+JSON`` re-tables a run, also an interrupted one.
+
+    .venv/bin/python benchmarks/bench_quality.py --worlds dev|heldout|all [--quick] [--variants baseline,helip]
+        [--seeds 0,1,2] [--epochs 2] [--lr LR] [--jobs J] [--out PATH]
+
 Writes JSON (after every run, so a killed run keeps what it finished) and a
 Markdown table beside it. Not part of the test suite. Mining with an external
 encoder is not among the ablations: none is available offline here.
@@ -63,6 +74,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -74,8 +86,9 @@ import numpy as np
 import torch
 
 from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
+from helip.app.worlds import get_world
+from helip.app.worlds import EvalConfig, evaluate_model
 from helip.embed import encode_pairs
-from helip.evaluate import EvalConfig, evaluate_model
 from helip.io import save_json, save_text
 from _provenance import provenance
 from helip.mining import HardPairs, mine_hard_pairs
@@ -226,6 +239,10 @@ def markdown(summary: dict, selected: str) -> str:
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if any(a == "--worlds" or a.startswith("--worlds=") for a in argv):
+        return main_worlds(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -359,6 +376,288 @@ def main(argv=None) -> int:
     save_text(Path(args.out).with_suffix(".md"), text)
     print(text)
     print(f"total {report['total_seconds']} s; wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The family protocol: --worlds dev|heldout|all
+# ---------------------------------------------------------------------------------------------------------------
+
+# world sizes, model and starting-model schedule of the protocol; "quick" is what fits the 2-core CPU
+PROTOCOLS = {
+    "quick": {"n_train": 2000, "n_val": 500, "n_test": 1000, "n_probe_train": 1000, "batch_size": 64,
+              "pretrain_steps": 600, "max_pretrain_steps": 1200, "mine_k": 20},
+    "full": {"n_train": 10000, "n_val": 1000, "n_test": 2000, "n_probe_train": 3000, "batch_size": 128,
+             "pretrain_steps": 2000, "max_pretrain_steps": 16000, "mine_k": 50},
+    # the test suite's: checks the machinery, measures nothing
+    "smoke": {"n_train": 128, "n_val": 64, "n_test": 64, "n_probe_train": 64, "batch_size": 32,
+              "pretrain_steps": 16, "max_pretrain_steps": 32, "mine_k": 5, "plateau_points": 2},
+}
+PROTOCOL_MODEL = "helip-micro-vit"  # small enough that a starting model reaches its plateau on a CPU
+# the plateau rule: the starting model's validation zero-shot mean gains less than this over the last quarter of
+# its pretraining steps (curve from 8 evenly spaced checkpoints); otherwise pretraining is redone twice as long,
+# up to the protocol's max_pretrain_steps (a model still rising there is reported as not at its plateau)
+PLATEAU_GAIN = 0.005
+PLATEAU_POINTS = 8  # checkpoints on the curve (the smoke protocol uses 2)
+
+
+def git_commit() -> dict:
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine() -> dict:
+    import platform
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_at_start": os.getloadavg(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def world_config(world: str, proto: dict, model: str, device: str) -> DemoConfig:
+    c = DemoConfig(world=world, n_train=proto["n_train"], n_val=proto["n_val"], n_test=proto["n_test"],
+                   n_probe_train=proto["n_probe_train"], progress=False)
+    c.pretrain = replace(c.pretrain, model=model, batch_size=proto["batch_size"], device=device, log_every=100)
+    c.continued = replace(c.continued, model=model, batch_size=proto["batch_size"], top_k=proto["mine_k"],
+                          device=device, progress=False, log_every=50)
+    c.mine = replace(c.mine, k=proto["mine_k"])
+    return c
+
+
+def plateau_pretrain(cfg: DemoConfig, w, proto: dict, cache_dir: Path):
+    """The world's starting model, pretrained until the plateau rule holds (cached with its curve)."""
+    from helip.app.demo import _pretrain_key
+    from helip.app.worlds import zeroshot_accuracy
+    from helip.embed import encode_images
+
+    steps, attempts = proto["pretrain_steps"], []
+    while True:
+        points = proto.get("plateau_points", PLATEAU_POINTS)
+        cfg.pretrain = replace(cfg.pretrain, steps=steps, save_every=max(1, steps // points))
+        run_dir = cache_dir / f"pretrain-{_pretrain_key(cfg)}"
+        curve_path = run_dir / "plateau_curve.json"
+        t0 = time.perf_counter()
+        ckpt = pretrained_checkpoint(cfg, w.tensors["train"], cache_dir)
+        if curve_path.is_file():
+            curve = json.loads(curve_path.read_text())
+        else:
+            curve = []
+            for path in sorted((run_dir / "checkpoints").glob("step_*.pt")):
+                lm = load_model(cfg.pretrain.model, str(path), device=cfg.pretrain.device)
+                img = encode_images(lm, w.tensors["val"].images, 512, cfg.pretrain.device)
+                zs = zeroshot_accuracy(lm, img, w.tasks["val"], cfg.pretrain.device)
+                curve.append({"step": int(path.stem.split("_")[1]), "val_zeroshot_mean": float(np.mean(list(zs.values())))})
+            save_json(curve_path, curve)
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the curve is kept; model.pt is the model
+        quarter = next(c for c in curve if c["step"] >= 0.75 * steps)
+        gain = curve[-1]["val_zeroshot_mean"] - quarter["val_zeroshot_mean"]
+        attempts.append({"steps": steps, "curve": curve, "last_quarter_gain": gain, "checkpoint": str(ckpt),
+                         "seconds_incl_cache": round(time.perf_counter() - t0, 1)})
+        if gain < PLATEAU_GAIN or steps * 2 > proto["max_pretrain_steps"]:
+            return ckpt, {"rule": f"val zero-shot mean gain over the last quarter of steps < {100 * PLATEAU_GAIN} points",
+                          "at_plateau": gain < PLATEAU_GAIN, "steps": steps, "attempts": attempts}
+        steps *= 2
+
+
+def run_world(name: str, args, proto: dict, names: list, seeds: list, on_row) -> dict:
+    """The protocol on one world: plateaued starting model, mining, every variant x seed, evaluated."""
+    from helip.training import steps_for_epochs
+
+    t0 = time.perf_counter()
+    cfg = world_config(name, proto, args.model, args.device)
+    w = build_world(cfg)
+    ckpt, plateau = plateau_pretrain(cfg, w, proto, default_cache_dir())
+    steps = args.steps or steps_for_epochs(cfg.n_train, args.epochs, cfg.continued.batch_size)
+    cfg.continued = replace(cfg.continued, steps=steps, lr=args.lr or cfg.continued.lr)
+    lm = load_model(cfg.pretrain.model, str(ckpt), device=args.device)
+    img, txt = encode_pairs(lm, w.tensors["train"], device=args.device)
+    hard = {}
+    for source in dict.fromkeys(VARIANTS[v][1] for v in names):
+        if source in ("hpm", "text", "image"):
+            hard[source] = mine_hard_pairs(img, txt, cfg.mine, method=source, progress=False, device=args.device,
+                                           precision="fp32")
+        elif source == "random":
+            hard[source] = random_pairs(len(w.tensors["train"]), cfg.mine.k, seed=0)
+    context = {"cfg": cfg, "world": w, "ckpt": ckpt, "hard": hard, "device": args.device}
+    _RUN.update(context)
+    out = {"world": get_world(name).describe(), "plateau": plateau, "pretrained": evaluate_checkpoint(ckpt),
+           "continued_training": asdict(cfg.continued), "setup_seconds": round(time.perf_counter() - t0, 1),
+           "runs": []}
+    todo = [(v, s) for s in seeds for v in names]
+    if args.jobs == 1 or len(todo) < 2:
+        for v, s in todo:
+            out["runs"].append(run_variant(v, s))
+            on_row(name, out)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_runs, initargs=(context, threads)) as pool:
+            for fut in as_completed([pool.submit(run_variant, v, s) for v, s in todo]):
+                out["runs"].append(fut.result())
+                on_row(name, out)
+    out["summary"] = summarise(out["runs"])
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def compare(results: dict, variant: str, ref: str = "baseline", split: str = "test") -> dict:
+    """``variant`` against ``ref`` on each world and averaged over worlds: the issue's goal, term by term."""
+    per_world = {}
+    for name, r in results.items():
+        s = r.get("summary", {})
+        if variant not in s or ref not in s:
+            continue
+        a, b = s[variant][split], s[ref][split]
+        gain = a["zeroshot_mean"]["mean"] - b["zeroshot_mean"]["mean"]
+        spread = a["zeroshot_mean"]["std"] + b["zeroshot_mean"]["std"]
+        drops = {t: a["zeroshot"][t] - b["zeroshot"][t] for t in a["zeroshot"]}
+        per_world[name] = {
+            "zeroshot_gain": gain, "two_std_added": spread, "gain_beyond_spread": gain > spread,
+            "worst_task": min(drops, key=drops.get), "worst_task_delta": min(drops.values()),
+            "linear_probe_delta": a["linear_probe"]["mean"] - b["linear_probe"]["mean"],
+            "i2t_r1_delta": a["i2t_r1"]["mean"] - b["i2t_r1"]["mean"],
+            "t2i_r1_delta": a["t2i_r1"]["mean"] - b["t2i_r1"]["mean"]}
+    if not per_world:
+        return {}
+    mean_gain = float(np.mean([p["zeroshot_gain"] for p in per_world.values()]))
+    goal = {"mean_gain_at_least_3_points": mean_gain >= 0.03,
+            "every_world_beyond_two_std": all(p["gain_beyond_spread"] for p in per_world.values()),
+            "no_task_more_than_1_point_below": all(p["worst_task_delta"] >= -0.01 for p in per_world.values()),
+            "retrieval_and_probe_not_below": all(min(p["linear_probe_delta"], p["i2t_r1_delta"], p["t2i_r1_delta"]) >= 0
+                                                 for p in per_world.values())}
+    return {"variant": variant, "reference": ref, "split": split, "mean_zeroshot_gain": mean_gain,
+            "per_world": per_world, "goal": goal, "goal_met": all(goal.values())}
+
+
+def markdown_worlds(report: dict) -> str:
+    lines = [f"Worlds: {report['worlds']} ({report['world_set']}); protocol {report['protocol_name']} "
+             f"({report['protocol']}); model {report['model']}; {report['epochs']} epochs "
+             f"of continued training; seeds {report['seeds']}; commit {report['git']['commit'][:12]}"
+             f"{' (dirty)' if report['git']['dirty'] else ''}. Mean ± std over seeds, in %.", ""]
+    for name, r in report["results"].items():
+        p = r["plateau"]
+        curve = ", ".join(f"{c['step']}: {100 * c['val_zeroshot_mean']:.1f}" for c in p["attempts"][-1]["curve"])
+        lines += [f"### {name}", "",
+                  f"Starting model: {p['steps']} pretraining steps, {'at' if p['at_plateau'] else 'NOT at'} its "
+                  f"plateau (last-quarter val zero-shot gain {100 * p['attempts'][-1]['last_quarter_gain']:+.2f}); "
+                  f"curve (step: val zs mean) {curve}.", ""]
+        if "summary" not in r:
+            lines += ["(runs not finished)", ""]
+            continue
+        pre = r["pretrained"]
+        summary = {"pretrained": {s: {**{m: {"mean": get(pre[s]), "std": 0.0} for m, get in METRICS.items()},
+                                      "zeroshot": pre[s]["zeroshot"]} for s in ("val", "test")}, **r["summary"]}
+        lines += markdown(summary, report.get("selected_on_val")).splitlines()[2:] + [""]
+    for c in report.get("comparisons", []):
+        lines += [f"### {c['variant']} - {c['reference']} ({c['split']} split)", "",
+                  "| world | zero-shot gain | 2 std added | worst task (delta) | linear probe | i2t R@1 | t2i R@1 |",
+                  "|---" * 7 + "|"]
+        for name, p in c["per_world"].items():
+            lines.append(f"| {name} | {100 * p['zeroshot_gain']:+.1f} | {100 * p['two_std_added']:.1f} | "
+                         f"{p['worst_task']} ({100 * p['worst_task_delta']:+.1f}) | {100 * p['linear_probe_delta']:+.1f} | "
+                         f"{100 * p['i2t_r1_delta']:+.1f} | {100 * p['t2i_r1_delta']:+.1f} |")
+        lines += ["", f"Mean zero-shot gain over these worlds: **{100 * c['mean_zeroshot_gain']:+.2f} points**; "
+                  f"goal terms: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in c["goal"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main_worlds(argv) -> int:
+    from helip.app.worlds import WORLD_SETS
+
+    ap = argparse.ArgumentParser(description="the quality protocol over a set of worlds of the family")
+    ap.add_argument("--worlds", required=True,
+                    help="dev | heldout | all, or a comma-separated list of world names (builtin, w1 ... w7)")
+    ap.add_argument("--variants", default="baseline,helip")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=float, default=2.0,
+                    help="continued training in epochs of pairs seen (the same steps for every variant)")
+    ap.add_argument("--steps", type=int, default=None, help="continued-training steps; overrides --epochs")
+    ap.add_argument("--lr", type=float, default=None, help="continued-training learning rate (default: the demo's)")
+    ap.add_argument("--quick", action="store_true", help="the quick protocol (small worlds; 2-core CPU sized)")
+    ap.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS), help="quick, full (default) or smoke")
+    ap.add_argument("--model", default=PROTOCOL_MODEL)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--split", default=None, choices=("val", "test"),
+                    help="split of the comparison tables (default: val for dev worlds, test otherwise)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--render", default=None,
+                    help="only rewrite the tables of this JSON (also a partial one, from an interrupted run)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.render:
+        return render(Path(args.render), args.split)
+    worlds = list(WORLD_SETS.get(args.worlds, args.worlds.split(",")))
+    for n in worlds:
+        get_world(n)  # unknown names fail here, before any work
+    names = [v for v in args.variants.split(",") if v]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {','.join(VARIANTS)}")
+    held_out = set(worlds) & set(WORLD_SETS["heldout"])
+    if held_out and len(names) > 2:
+        ap.error("held-out worlds are only reported, never searched: run them with --variants baseline,helip "
+                 "(the defaults), not with ablations")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    pname = args.protocol or ("quick" if args.quick else "full")
+    out = Path(args.out or f"benchmarks/results/bench_quality_worlds_{args.worlds.replace(',', '_')}"
+                           f"{'' if pname == 'full' else '_' + pname}.json")
+    report = {"benchmark": "HELIP vs plain continued training over a set of worlds, from plateaued starting models",
+              "command": " ".join([Path(sys.executable).name, "benchmarks/bench_quality.py", *argv]),
+              "git": git_commit(), "machine": machine(), "options": vars(args), "world_set": args.worlds,
+              "worlds": worlds, "protocol_name": pname, "protocol": PROTOCOLS[pname], "model": args.model,
+              "epochs": args.epochs, "seeds": seeds, "variants": names, "results": {}}
+    t_start = time.perf_counter()
+
+    def on_row(name, partial):
+        r = partial["runs"][-1]
+        print(f"{name} seed {r['seed']} {r['variant']:>12}: val zs {r['val']['zeroshot_mean']:.4f} test zs "
+              f"{r['test']['zeroshot_mean']:.4f} LP {r['test']['linear_probe']:.4f} i2t {r['test']['retrieval']['i2t_r1']:.4f}"
+              f" ({r['seconds']} s)", flush=True)
+        report["results"][name] = {**partial, "summary": summarise(partial["runs"])}
+        report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+        save_json(out, report)
+
+    for name in worlds:
+        report["results"][name] = run_world(name, args, PROTOCOLS[pname], names, seeds, on_row)
+        p = report["results"][name]["plateau"]
+        print(f"{name}: starting model {p['steps']} steps, at plateau: {p['at_plateau']}; "
+              f"pretrained val zs {report['results'][name]['pretrained']['val']['zeroshot_mean']:.4f}", flush=True)
+        save_json(out, report)
+    report["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    return render(out, args.split, report)
+
+
+def render(out: Path, split=None, report=None) -> int:
+    """Comparisons, selection (development worlds only) and the Markdown tables of a report."""
+    from helip.app.worlds import WORLD_SETS
+
+    report = report or json.loads(out.read_text())
+    held_out = set(report["results"]) & set(WORLD_SETS["heldout"])
+    split = split or ("test" if held_out else "val")
+    done = {n: r for n, r in report["results"].items() if "summary" in r}
+    report["complete"] = (set(done) == set(report["worlds"]) and all(
+        len(r["runs"]) == len(report["variants"]) * len(report["seeds"]) for r in done.values()))
+    report["comparisons"] = [compare(done, v, split=split) for v in report["variants"] if v != "baseline"]
+    if not held_out and done:  # selection happens on development worlds only, on validation
+        val = {v: float(np.mean([r["summary"][v]["val"]["zeroshot_mean"]["mean"] for r in done.values()]))
+               for v in report["variants"] if v in HELIP_FAMILY and all(v in r["summary"] for r in done.values())}
+        report["selected_on_val"] = max(val, key=val.get) if val else None
+        report["val_zeroshot_mean_over_worlds"] = val
+    save_json(out, report)
+    text = markdown_worlds(report)
+    if not report["complete"]:
+        text = ("**Partial run**: not every world, variant and seed finished; seeds per row are in the JSON.\n\n"
+                + text)
+    save_text(out.with_suffix(".md"), text)
+    print(text)
+    print(f"total {report.get('total_seconds')} s; wrote {out}")
     return 0
 
 

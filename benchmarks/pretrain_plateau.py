@@ -20,7 +20,7 @@ import numpy as np
 
 from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
 from helip.embed import encode_pairs
-from helip.evaluate import retrieval_recall, zeroshot_accuracy
+from helip.app.worlds import retrieval_recall, zeroshot_accuracy
 from helip.io import save_json
 from _provenance import provenance
 from helip.models import load_model

@@ -5,8 +5,8 @@ import numpy as np
 import open_clip
 import torch
 
+from helip.app import worlds as world
 from helip.app.cli import main
-from helip.data import world
 from helip.data.pairs import prepare_pairs
 from helip.embed import encode_pairs
 from helip.models import load_model, register_configs

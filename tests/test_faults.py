@@ -108,7 +108,7 @@ def world(tmp_path_factory):
     _ok(["mine", "--embeddings", str(emb), "--out", str(hp), "--k", "4"])
     bad = root / "bad"
     bad.mkdir()
-    (bad / "garbage.pt").write_bytes(os.urandom(4096))
+    (bad / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(4096))  # fixed bytes: a reproducible run
     data = ck.read_bytes()
     (bad / "truncated.pt").write_bytes(data[:len(data) // 2])
     (bad / "a_file").write_text("not a directory\n")
@@ -126,7 +126,7 @@ def world(tmp_path_factory):
     (bad / "emb_garbage").mkdir()
     for f in emb.iterdir():
         if f.is_file():
-            (bad / "emb_garbage" / f.name).write_bytes(os.urandom(300) if f.name == "text.npy" else f.read_bytes())
+            (bad / "emb_garbage" / f.name).write_bytes(np.random.default_rng(1).bytes(300) if f.name == "text.npy" else f.read_bytes())
     # tables: a field over csv's limit, bytes that are not UTF-8, unusable images
     (bad / "huge.csv").write_text("filepath,title\nx.png,\"" + "a" * 140_000 + "\"\n")
     (bad / "latin1.tsv").write_bytes("filepath\ttitle\nx.png\tcaf\xe9 cr\xe8me\n".encode("latin-1"))
@@ -173,6 +173,9 @@ def _cases(w):
         ("probe-c-inf", [*ev, "--pretrained", ck, "--probe-c-max", "inf", "--out", new + ".json"], "finite"),
         ("pretrain-lr-inf", ["pretrain", *small, "--lr", "inf", "--out", new], "finite"),
         ("n-train-0-train", ["train", "--n-train", "0", "--out", new], "--n-train 0"),
+        ("epochs-0", ["train", *small, "--epochs", "0", "--out", new], "--epochs 0"),
+        ("epochs-nan", ["train", *small, "--epochs", "nan", "--out", new], "finite"),
+        ("unknown-world", ["train", *small, "--world", "w99", "--out", new], "unknown world"),
         ("n-train-0-embed", ["embed", "--n-train", "0", "--out", new], "--n-train 0"),
         ("k-0", ["mine", "--embeddings", emb, "--out", hp, "--k", "0"], "k must be"),
         ("k-too-large", ["mine", "--embeddings", emb, "--out", hp, "--k", "1000"], "--k"),

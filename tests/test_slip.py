@@ -196,9 +196,9 @@ def test_clip_checkpoint_converts_without_head_and_trains_with_slip(reduced_conf
 
 def test_converted_model_evaluates_and_trains_with_slip(reduced_configs, tmp_path):
     """A converted model goes through helip.evaluate and SLIP+HELIP training like any OpenCLIP model."""
-    from helip.data import world
+    from helip.app import worlds as world
     from helip.data.pairs import prepare_pairs
-    from helip.evaluate import EvalConfig, evaluate_model
+    from helip.app.worlds import EvalConfig, evaluate_model
     from helip.training import TrainConfig, train
 
     name, _ = reduced_configs["S-full"]

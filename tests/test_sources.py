@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helip.data import world
+from helip.app import worlds as world
 from helip.data.sources import PairDataset, UnreadableImage, open_pairs
 from helip.errors import InputError
 

@@ -102,13 +102,15 @@ def load_model(model: str, pretrained: Optional[str] = None, device: str = "cpu"
     try:
         m, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
                                                                 **preprocess_overrides(name))
-    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+    except (RuntimeError, AssertionError, KeyError, ValueError, EOFError, pickle.UnpicklingError, IndexError,
+            TypeError, OverflowError) as e:  # (arbitrary bytes unpickle into any of these)
         if pretrained is None or not Path(pretrained).is_file():
             raise
         # torch's message is not passed on: for a file that is not a plain checkpoint it advises
         # weights_only=False, which would run arbitrary code from the file
         text = str(e)
-        if isinstance(e, (AssertionError, KeyError)) or any(
+        missing_key = isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)  # a state-dict key
+        if isinstance(e, AssertionError) or missing_key or any(
                 s in text for s in ("size mismatch", "Missing key", "Unexpected key", "width changed")):
             first = text.splitlines()[0] if text else type(e).__name__
             raise InputError(f"checkpoint {pretrained} does not fit model {name!r} ({first[:200]}); "

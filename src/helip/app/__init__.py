@@ -1,1 +1,2 @@
-"""The `helip` application: the command line, the demo and its report, built on the library."""
+"""The `helip` application built on the library: the command line, the demo and its report, and the
+family of synthetic worlds (:mod:`.worlds`) they run on."""

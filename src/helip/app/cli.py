@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import ConfigError, HelipError
+from . import worlds  # noqa: F401  (registers the synthetic worlds as --data world)
 
 log = logging.getLogger("helip")
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (default: cuda when present, else cpu)"
@@ -47,7 +48,8 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     results = run_demo(Path(args.out), seed=args.seed, quick=args.quick,
-                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, objective=args.objective)
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, objective=args.objective,
+                       world=args.world)
     for v in ("pretrained", "baseline", "helip"):
         r = results[v]
         print(f"{v:>10}: zero-shot mean {100 * r['zeroshot_mean']:.1f}  linear probe {100 * r['linear_probe']:.1f}"
@@ -138,15 +140,17 @@ def _init_distributed(device: str) -> int:
 
 def cmd_train(args) -> None:
     from ..slip import SlipConfig
-    from ..training import TrainConfig, check_fresh_out_dir, train
-    from ..training.distributed import auto_device
+    from ..training import TrainConfig, check_fresh_out_dir, steps_for_epochs, train
+    from ..training.distributed import auto_device, dist_info
 
     if args.resume is None:
         check_fresh_out_dir(Path(args.out))
     args.device = auto_device(args.device)
     _init_distributed(args.device)
     pairs, hard = _training_data(args, args.hard_pairs)
-    cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=args.steps, batch_size=args.batch_size,
+    steps = args.steps if args.steps is not None else steps_for_epochs(
+        len(pairs), args.epochs, args.batch_size, args.accum_steps, dist_info().world_size)
+    cfg = TrainConfig(model=args.model, pretrained=args.pretrained, steps=steps, batch_size=args.batch_size,
                       lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
                       hard_per_target=args.hard_per_target if hard is not None else 0, top_k=args.top_k,
                       hnml_weight=args.hnml_weight if hard is not None else 0.0, hnml_margin=args.hnml_margin,
@@ -202,12 +206,16 @@ def cmd_report(args) -> None:
     print(f"wrote {out}")
 
 
+WORLD_HELP = "which synthetic world of the family: builtin (default), w1 ... w7 (docs/worlds.md)"
+
+
 def _add_world(p: argparse.ArgumentParser, model=True) -> None:
     from .demo import DemoConfig
 
     p.add_argument("--data", default="world", help="dataset: 'world' (the built-in world)")
     p.add_argument("--n-train", type=int, default=20000, help="pairs in the built-in world's training split")
-    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--world-seed", type=int, default=0, help="sample seed inside the world")
+    p.add_argument("--world", default="builtin", help=WORLD_HELP)
     if model:
         p.add_argument("--model", default=DemoConfig().pretrain.model,
                        help="OpenCLIP model name or JSON model config path (default: the demo's)")
@@ -239,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where the pretrained starting model is cached")
     p.add_argument("--objective", default="clip", choices=("clip", "slip"),
                    help="train the demo's models with CLIP's loss or SLIP's (CLIP + SimCLR)")
+    p.add_argument("--world", default="builtin", help=WORLD_HELP)
     p.set_defaults(func=cmd_demo)
 
     from .demo import DemoConfig
@@ -323,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--hard-pairs", default=None, help="hard-pairs directory; omit for random batches")
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--epochs", type=float, default=2.0,
+                   help="length of training in epochs of image-text pairs seen (default %(default)s): "
+                        "epochs x pairs / (batch size x accum steps x ranks) steps, the same for random "
+                        "batches and hard-pair batches (a HELIP batch of B holds B/2 targets and B/2 "
+                        "partners, so one epoch does not make every pair a target)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps; overrides --epochs")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr,
                    help="peak learning rate (default %(default)s: continued training of a pretrained checkpoint; "

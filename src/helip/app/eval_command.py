@@ -54,7 +54,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of train held out for choosing C when a dataset has no val split")
     g.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("built-in world (when no benchmark dataset is given)")
-    g.add_argument("--world-seed", type=int, default=0)
+    g.add_argument("--world-seed", type=int, default=0, help="sample seed inside the world")
+    g.add_argument("--world", default="builtin", help="which world of the family: builtin (default), w1 ... w7")
     g.add_argument("--n-probe-train", type=int, default=5000)
     g.add_argument("--n-val", type=int, default=2000)
     g.add_argument("--n-test", type=int, default=3000)
@@ -124,11 +125,11 @@ def dataset_specs(args) -> List[DatasetSpec]:
 
 def eval_world(models: List[ModelSpec], args, device: str) -> dict:
     """The built-in world's val and test splits, as ``helip demo`` evaluates them."""
-    from ..data import world
+    from .worlds import EvalConfig, evaluate_model, get_world
     from ..data.pairs import prepare_pairs
     from ..models import load_model
-    from ..evaluate.world import EvalConfig, evaluate_model
 
+    world = get_world(args.world)
     splits = {s: world.generate(n, args.world_seed, s)
               for s, n in (("train", args.n_probe_train), ("val", args.n_val), ("test", args.n_test))}
     tasks = {s: world.zeroshot_tasks(splits[s]) for s in ("val", "test")}
@@ -143,7 +144,8 @@ def eval_world(models: List[ModelSpec], args, device: str) -> dict:
         r = evaluate_model(lm, {"val": t["val"], "test": t["test"]}, tasks, labels, t["train"],
                            EvalConfig(device=device))
         results[ms.name] = {**r["test"], "val": r["val"], "checkpoint": ms.pretrained, "model": ms.model}
-    results["meta"] = {"model": models[0].model, "world_seed": args.world_seed, "reported_split": "test"}
+    results["meta"] = {"model": models[0].model, "world": world.name, "world_seed": args.world_seed,
+                       "reported_split": "test"}
     return results
 
 

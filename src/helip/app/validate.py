@@ -108,4 +108,6 @@ def precheck(args) -> None:
         from ..training import TrainConfig
 
         names = {f.name for f in dataclasses.fields(TrainConfig)} - {"slip", "device"}
-        TrainConfig(**{k: values[k] for k in names if k in values}).validate()
+        TrainConfig(**{k: values[k] for k in names if values.get(k) is not None}).validate()  # --steps None: epochs
+        if values.get("steps") is None and not values.get("epochs", 1) > 0:
+            raise ConfigError(f"--epochs {values['epochs']}: must be positive; pass e.g. --epochs 2.")

@@ -3,7 +3,8 @@
 Hard-pair batches put a target beside partners from anywhere in the dataset, so
 every format must answer "pair i" without streaming through pairs 0..i-1:
 
-- ``world``: the built-in world (``helip.data.world``), generated in memory;
+- ``world``: a synthetic world of the application (``helip.app.worlds``, which
+  registers itself here), generated in memory;
 - ``*.csv`` / ``*.tsv``: a table as OpenCLIP's ``--csv-img-key filepath
   --csv-caption-key title --csv-separator "\\t"`` read it; image paths may be
   relative to the table's directory; the separator, when not given, is the one
@@ -48,7 +49,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -76,7 +77,8 @@ class DataConfig:
     csv_caption_key: str = "title"
     csv_separator: Optional[str] = None   # None: tab or comma, whichever the header splits into both keys
     n_train: int = 20000                  # world only
-    world_seed: int = 0                   # world only
+    world_seed: int = 0                   # world only: the sample seed
+    world: str = "builtin"                # world only: which world of the family (helip.app.worlds)
     index_dir: Optional[str] = None       # shard indexes here instead of beside the shards
     max_bad_fraction: float = 0.01
     progress: bool = True                 # a progress bar while shards are indexed
@@ -136,21 +138,35 @@ class PairSource:
         return {"kind": self.kind, "spec": self.spec, "n": len(self)}
 
 
+# The synthetic worlds belong to the application (helip.app.worlds), which registers its generator here
+# when imported; the library only reads a generated split. ``(n, seed, split, world) -> split`` with
+# ``.images`` (uint8 [N, H, W, 3]) and ``.captions``.
+_world_generator: Optional[Callable[[int, int, str, str], Any]] = None
+
+
+def register_world_generator(generate: Callable[[int, int, str, str], Any]) -> None:
+    """Make ``--data world`` read from ``generate`` (the application calls this on import)."""
+    global _world_generator
+    _world_generator = generate
+
+
 class WorldSource(PairSource):
     kind = "world"
 
-    def __init__(self, n: int, seed: int):
-        from . import world
-
-        self.split = world.generate(n, seed, "train")
-        self.seed = seed
+    def __init__(self, n: int, seed: int, world: str = "builtin"):
+        if _world_generator is None:
+            raise ConfigError("--data world: the synthetic worlds are part of the helip application; "
+                              "`import helip.app.worlds` first (the helip command does), or pass a data file.")
+        self.split = _world_generator(n, seed, "train", world)
+        self.seed, self.world = seed, world
         super().__init__("world", list(self.split.captions))
 
     def _image(self, i: int) -> Image.Image:
         return Image.fromarray(self.split.images[i])
 
     def describe(self) -> dict:
-        return {**super().describe(), "world_seed": self.seed}
+        extra = {} if self.world == "builtin" else {"world": self.world}
+        return {**super().describe(), "world_seed": self.seed, **extra}
 
 
 class FilePairs(PairSource):
@@ -395,7 +411,7 @@ def open_pairs(spec_or_config, **overrides) -> PairSource:
     spec = cfg.data
     low = spec.lower()
     if spec == "world":
-        return WorldSource(cfg.n_train, cfg.world_seed)
+        return WorldSource(cfg.n_train, cfg.world_seed, cfg.world)
     if low.endswith((".csv", ".tsv")):
         return read_table(Path(spec), cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
     if low.endswith(".jsonl"):
@@ -486,7 +502,8 @@ def add_data_arguments(p, world: bool = True) -> None:
     p.add_argument("--index-dir", default=None, help="where shard indexes are cached (default: beside the shards)")
     if world:
         p.add_argument("--n-train", type=int, default=d.n_train, help="pairs in the built-in world's training split")
-        p.add_argument("--world-seed", type=int, default=d.world_seed)
+        p.add_argument("--world-seed", type=int, default=d.world_seed, help="sample seed inside the world")
+        p.add_argument("--world", default=d.world, help="which world of the family: builtin (default), w1 ... w7")
 
 
 def data_config_from_args(args) -> DataConfig:

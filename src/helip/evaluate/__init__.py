@@ -1,6 +1,5 @@
 """`helip eval`: zero-shot classification, linear probe and retrieval.
 
-- :mod:`.world`: the built-in world's evaluation (what ``helip demo`` reports).
 - :mod:`.suite`: benchmark datasets on disk (image folders, CLIP_benchmark
   WebDataset shards, caption files) for several checkpoints, with
   :mod:`.datasets` (readers), :mod:`.prompts` (class names and templates),
@@ -10,8 +9,6 @@
 from .linear_probe import ProbeConfig, fit_linear_probe, sweep_c
 from .metrics import classification_metrics, retrieval_metrics
 from .suite import DatasetSpec, ModelSpec, SuiteConfig, run_suite
-from .world import EvalConfig, evaluate_model, linear_probe, retrieval_recall, zeroshot_accuracy
 
-__all__ = ["EvalConfig", "evaluate_model", "linear_probe", "retrieval_recall", "zeroshot_accuracy",
-           "ProbeConfig", "fit_linear_probe", "sweep_c", "classification_metrics", "retrieval_metrics",
+__all__ = ["ProbeConfig", "fit_linear_probe", "sweep_c", "classification_metrics", "retrieval_metrics",
            "DatasetSpec", "ModelSpec", "SuiteConfig", "run_suite"]

@@ -9,9 +9,9 @@
 - :mod:`.hooks` and :mod:`.remine`: work called at epoch starts (re-mining the hard pairs).
 """
 from .checkpoint import check_fresh_out_dir, list_checkpoints
-from .config import FREEZE, OBJECTIVES, PRECISIONS, TrainConfig, TrainResult
+from .config import FREEZE, OBJECTIVES, PRECISIONS, TrainConfig, TrainResult, steps_for_epochs
 from .loop import train
 from .trainer import Trainer
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "check_fresh_out_dir", "list_checkpoints", "FREEZE",
-           "OBJECTIVES", "PRECISIONS"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "check_fresh_out_dir", "list_checkpoints",
+           "steps_for_epochs", "FREEZE", "OBJECTIVES", "PRECISIONS"]

@@ -1,6 +1,7 @@
 """``TrainConfig``: the options of one training run (what ``helip train``'s flags fill in)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -96,3 +97,19 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: Optional[int] = None
     model: Optional[torch.nn.Module] = None  # the trained model (this rank's replica), unwrapped from DDP
+
+
+def steps_for_epochs(n_pairs: int, epochs: float, batch_size: int, accum_steps: int = 1, world_size: int = 1) -> int:
+    """Optimiser steps in which the model sees ``epochs`` times ``n_pairs`` image-text pairs.
+
+    An epoch is counted in pairs seen, not in targets: a HELIP batch of 128 is
+    64 targets and 64 partners, so the sampler's own epoch (every pair a target
+    once) is twice as many steps as a random-batch epoch. Counting pairs gives
+    baseline and HELIP the same number of steps, hence the same pairs seen.
+    """
+    for name, v in (("batch_size", batch_size), ("accum_steps", accum_steps), ("world_size", world_size)):
+        if v < 1:
+            raise ConfigError(f"{name} must be at least 1, got {v}.")
+    if n_pairs < 1 or not epochs > 0:
+        raise ConfigError(f"epochs must be positive and the data non-empty, got {epochs} epochs of {n_pairs} pairs.")
+    return max(1, math.ceil(epochs * n_pairs / (batch_size * accum_steps * world_size)))

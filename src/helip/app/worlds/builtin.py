@@ -1,4 +1,8 @@
-"""The built-in world: procedurally drawn, captioned 32x32 images.
+"""The built-in world (``builtin``): procedurally drawn, captioned 32x32 images.
+
+The demo's default world and one member of the family (:mod:`.family` draws
+the others). Its drawing and captions are frozen: the same call gives the same
+pixels and captions as before the family existed (a test checks a hash).
 
 Why this world: HELIP helps where a model confuses pairs that differ in a few
 details. A first probe (docs/design.md, "The built-in world") used one object with four
@@ -17,11 +21,12 @@ same pixels and captions on every machine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import List, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .base import SPLITS, WorldSplit, ZeroShotTask
 
 WORLD_VERSION = 2  # bump whenever drawing or captions change: invalidates cached checkpoints
 IMAGE_SIZE = 32
@@ -74,26 +79,6 @@ RELATIONS = ["horizontal", "vertical"]  # object A left of / above object B
 _RADIUS = {"small": 4.5, "large": 7.0}
 _BACKGROUNDS = [(15, 15, 20), (45, 45, 50), (20, 30, 55), (40, 25, 35)]
 _PREFIXES = ["", "", "a photo of ", "an image of ", "there is ", "a picture showing "]
-
-SPLITS = {"train": 0, "val": 1, "test": 2}
-
-
-@dataclass
-class WorldSplit:
-    """One split: uint8 images [N, 32, 32, 3], captions, and ground-truth attributes.
-
-    ``attrs`` holds int arrays of length N. Object A is the single object, or the
-    left/top one of two; B fields are -1 for single-object images.
-    ``n_objects`` is 1 or 2; ``position`` indexes POSITIONS (single objects);
-    ``relation`` indexes RELATIONS (two objects), -1 otherwise.
-    """
-
-    images: np.ndarray
-    captions: List[str]
-    attrs: Dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.captions)
 
 
 def _word(rng: np.random.Generator, words: Sequence[str]) -> str:
@@ -221,18 +206,6 @@ def generate(n: int, seed: int = 0, split: str = "train", single_fraction: float
 # ---------------------------------------------------------------------------
 # Evaluation tasks over the world
 # ---------------------------------------------------------------------------
-
-@dataclass
-class ZeroShotTask:
-    """A zero-shot classification task: which images, their labels, the class prompts."""
-
-    name: str
-    classnames: List[str]
-    templates: List[str]
-    indices: np.ndarray  # rows of the split that belong to the task
-    labels: np.ndarray   # class index per row in ``indices``
-    fine_grained: bool
-
 
 _OBJ_TEMPLATES = ["a {}.", "a photo of a {}.", "an image of a {}.", "there is a {}."]
 

@@ -1,4 +1,4 @@
-"""Evaluation on the built-in world: zero-shot classification, linear probe and retrieval.
+"""Evaluation on a world of the family: zero-shot classification, linear probe and retrieval.
 
 Zero-shot classifiers are built with OpenCLIP's ``build_zero_shot_classifier``
 (class names x prompt templates, averaged, normalised). The linear probe is
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from open_clip import build_zero_shot_classifier
 
-from ..data.pairs import PairTensors
-from ..data.world import ZeroShotTask
-from ..embed import encode_images, encode_pairs
-from ..models import LoadedModel
-from .linear_probe import ProbeConfig, fit_linear_probe
+from ...data.pairs import PairTensors
+from .base import ZeroShotTask
+from ...embed import encode_images, encode_pairs
+from ...models import LoadedModel
+from ...evaluate.linear_probe import ProbeConfig, fit_linear_probe
 
 log = logging.getLogger(__name__)
 
