@@ -20,6 +20,7 @@ Variants:
   hnml_m0.1/m0.4    HNML margin 0.1 / 0.4
   h3                3 hard partners per target
   mix0.5            half of each batch in target+partner groups, half random targets
+  mix0.25           a quarter of each batch in target+partner groups
   mined_text        hard pairs mined by caption similarity only (the paper's ablation)
   mined_image       ... by image similarity only
   random_pairs      "hard" pairs drawn at random: batches of the same shape with no mining
@@ -108,6 +109,7 @@ VARIANTS = {
     "hnml_m0.4": ({"hnml_margin": 0.4}, "hpm"),
     "h3": ({"hard_per_target": 3}, "hpm"),
     "mix0.5": ({"hard_fraction": 0.5}, "hpm"),
+    "mix0.25": ({"hard_fraction": 0.25}, "hpm"),
     "mined_text": ({}, "text"),
     "mined_image": ({}, "image"),
     "random_pairs": ({}, "random"),
@@ -118,7 +120,7 @@ VARIANTS = {
     "rel0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "relative"}, "hpm"),
     "pertarget0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "per_target"}, "hpm"),
 }
-HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
+HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5", "mix0.25",
                 "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05",
                 "pertarget0.05")
 # what one run needs, set in this process (--jobs 1) or once per worker process (--jobs J > 1)
