@@ -120,9 +120,8 @@ VARIANTS = {
     "rel0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "relative"}, "hpm"),
     "pertarget0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "per_target"}, "hpm"),
 }
-HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5", "mix0.25",
-                "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05",
-                "pertarget0.05")
+HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
+                "mix0.25", "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05", "pertarget0.05")
 # what one run needs, set in this process (--jobs 1) or once per worker process (--jobs J > 1)
 _RUN = {}
 
