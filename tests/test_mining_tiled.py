@@ -41,10 +41,20 @@ def test_tiled_ties_are_broken_by_index(method, small_tiles):
         assert hp.indices[i, :len(top)].tolist() == top, f"row {i}"
 
 
+@pytest.fixture(params=[1, 3])
+def workers(request):
+    """torch's thread count, which sets the number of tile worker threads (3: tiles dealt out unevenly)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("min_similarity", [0.0, -1.0])
-def test_tiled_searches_equal_the_block_search(small_tiles, min_similarity):
+def test_tiled_searches_equal_the_block_search(small_tiles, min_similarity, workers):
     """Symmetric (all targets) and per-row (any targets, as the recall sample and torchrun shards use)
-    against exact.search_exact, on clustered data with duplicates; the seeded floors must be in use."""
+    against exact.search_exact, on clustered data with duplicates; the seeded floors must be in use.
+    With one worker thread and with several (row offers merged under the lock)."""
     img, txt = clustered(n=400)
     t = torch.nn.functional.normalize(torch.from_numpy(txt), dim=1)
     i = torch.nn.functional.normalize(torch.from_numpy(img), dim=1)
@@ -59,6 +69,7 @@ def test_tiled_searches_equal_the_block_search(small_tiles, min_similarity):
                                  (tiled.search_rows(t, i, rows, 8, *rules), rows)):
         assert (got_i == ref_i[want]).all()
         np.testing.assert_allclose(got_s, ref_s[want], atol=1e-6, rtol=0)
+    assert torch.get_num_threads() == workers, "the search restores torch's thread count"
 
 
 def test_symmetric_run_resumes_after_a_kill(tmp_path, monkeypatch, small_tiles):
