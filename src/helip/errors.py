@@ -20,3 +20,19 @@ class StaleError(HelipError):
 
 class ConfigError(HelipError):
     """An option value is out of range or options contradict each other."""
+
+
+def exit_status(prog: str, command, *args) -> int:
+    """Run ``command(*args)`` for a command line: 0, or a ``HelipError`` as one line on stderr and 2.
+
+    Both entry points (``helip`` and ``python -m helip.open_clip_train``) end this way, so every
+    user mistake reads the same: ``PROG: error: what is wrong and what to do``.
+    """
+    import sys
+
+    try:
+        command(*args)
+    except HelipError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, HelipError, InputError
+from .errors import ConfigError, InputError, exit_status
 from .io import check_fingerprint, fingerprint
 from .losses import HardNegativeMarginLoss, PartnerMasker
 from .mining.store import HardPairs, load_hard_pairs
@@ -367,12 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         octm.main(rest)  # open_clip_train unchanged (its __main__ ignores main's return value too)
         return 0
-    try:
-        run(rest, opts)
-    except HelipError as e:
-        print(f"python -m helip.open_clip_train: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status("python -m helip.open_clip_train", run, rest, opts)
 
 
 if __name__ == "__main__":

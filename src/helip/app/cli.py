@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import ConfigError, HelipError
+from ..errors import ConfigError, exit_status
 from . import worlds  # noqa: F401  (registers the synthetic worlds as --data world)
 
 log = logging.getLogger("helip")
@@ -419,13 +419,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(e, file=sys.stderr)
         return 2
     _setup_logging(args.verbose)
-    try:
+
+    def command(args) -> None:
         precheck(args)  # output paths, option values: before any heavy work
         args.func(args)
-    except HelipError as e:
-        print(f"helip {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(f"helip {args.command}", command, args)
 
 
 if __name__ == "__main__":
