@@ -23,7 +23,8 @@ modality alone.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+import threading
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -84,34 +85,77 @@ def group(labels: np.ndarray, n_groups: int) -> List[np.ndarray]:
 
 def search_ann(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, method: str,
                dup_threshold: float, min_similarity: float, block_size: int, cells: Dict,
-               on_block: Callable[[int], None] = lambda n: None) -> Tuple[np.ndarray, np.ndarray]:
+               on_block: Callable[[int], None] = lambda n: None,
+               only_cells: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Hard pairs of targets ``rows``, each scored against the members of its own probe cells.
 
     ``cells`` holds ``probes`` [N, nprobe] (each pair's cells, nearest first; the first is
     the cell it belongs to) and ``members`` (the pairs of each cell, from ``group``).
+    ``only_cells``: search only these candidate cells (the tuner's timing probe).
+
+    On the CPU the candidate cells are dealt out to worker threads (``tiled.tile_workers``:
+    as many as torch's thread count, each with single-threaded kernels), as the tiled
+    exact search deals out its tiles: the work per cell is a few small products and
+    selections, which 2-thread BLAS and OpenMP on one Python thread ran many times slower
+    (their idle threads spin against each other). A target's running top-k is merged
+    under a lock; the candidate sets of two cells are disjoint and the merged order is
+    a total order (score, then index), so the result does not depend on which worker
+    merges first.
     """
+    from .tiled import _run_parallel, tile_workers
+
     members = cells["members"]
     probes = cells["probes"][rows]
     nprobe = probes.shape[1]
     best_s = torch.full((len(rows), k), float("-inf"))
     best_i = torch.full((len(rows), k), -1, dtype=torch.int64)
     target_of = np.repeat(np.arange(len(rows)), nprobe)   # position in rows of each (target, cell) entry
-    done = reported = 0
-    for c, entries in enumerate(group(probes.ravel(), len(members))):
-        if len(entries) and len(members[c]):
-            cand = torch.as_tensor(members[c], device=txt.device)
-            tc, ic = txt[cand], img[cand]
-            pos = target_of[entries]
-            for s in range(0, len(pos), block_size):
-                p = pos[s:s + block_size]
-                q = torch.as_tensor(rows[p], device=txt.device)
-                sc = candidate_scores(txt[q], img[q], q, tc, ic, cand, method, dup_threshold, min_similarity)
-                idx, val = select_topk(sc, cand, k)
+    entries_of = group(probes.ravel(), len(members))
+    todo = range(len(members)) if only_cells is None else sorted(set(int(c) for c in only_cells))
+    todo = [c for c in todo if len(entries_of[c]) and len(members[c])]
+    lock = threading.Lock()
+
+    def cell(c: int) -> None:
+        cand = torch.as_tensor(members[c], device=txt.device)
+        tc, ic = txt[cand], img[cand]
+        pos = target_of[entries_of[c]]
+        for s in range(0, len(pos), block_size):
+            p = pos[s:s + block_size]
+            q = torch.as_tensor(rows[p], device=txt.device)
+            sc = candidate_scores(txt[q], img[q], q, tc, ic, cand, method, dup_threshold, min_similarity)
+            idx, val = select_topk(sc, cand, k)
+            with lock:
                 _merge(best_s, best_i, torch.as_tensor(p), torch.from_numpy(val), torch.from_numpy(idx).long())
-        done += len(entries)
-        if done // nprobe > reported:
-            on_block(done // nprobe - reported)
-            reported = done // nprobe
+
+    progress = {"done": 0, "reported": 0}
+
+    def report(c: int) -> None:   # progress in targets, from the entries of the cells finished
+        with lock:
+            progress["done"] += len(entries_of[c])
+            new = progress["done"] // nprobe - progress["reported"]
+            progress["reported"] += new
+        if new:
+            on_block(new)
+
+    if txt.is_cuda:
+        with torch.no_grad():
+            for c in todo:
+                cell(c)
+                report(c)
+    else:
+        queue = iter(todo)   # dealt out one cell at a time: cell sizes vary (by thousands on skewed data)
+
+        def work(w: int) -> None:
+            while True:
+                with lock:
+                    c = next(queue, None)
+                if c is None:
+                    return
+                cell(c)
+                report(c)
+
+        with tile_workers() as workers:
+            _run_parallel(work, workers)
     best_i[torch.isinf(best_s)] = -1
     return best_i.to(torch.int32).numpy(), best_s.numpy()
 

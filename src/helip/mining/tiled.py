@@ -243,7 +243,7 @@ def search_rows(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, 
             if not hasattr(local, "tiles"):
                 local.tiles = _Tiles(txt, img, method)
             tiles = local.tiles
-            q = np.asarray(rows[s:s + TILE_ROWS], dtype=np.int64)
+            q = np.asarray(rows[s:s + size], dtype=np.int64)
             tq, iq = tiles.txt[q], tiles.img[q]
             top = RunningTopK(len(q), k)
             for c0 in range(0, n, TILE_COLS):
@@ -254,8 +254,12 @@ def search_rows(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, 
             out_i[s:s + len(q)], out_s[s:s + len(q)] = top.result()
             return len(q)
 
-    starts = range(0, len(rows), TILE_ROWS)
     with tile_workers() as workers:
+        # blocks of at most TILE_ROWS, as many as a multiple of the workers: the tuner's and the recall check's
+        # samples (a few hundred targets) are split among all workers instead of one block on one
+        blocks = workers * max(1, -(-len(rows) // (workers * TILE_ROWS)))
+        size = max(1, -(-len(rows) // blocks))
+        starts = range(0, len(rows), size)
         if workers == 1 or len(starts) == 1:
             for s in starts:
                 on_block(block(s))
