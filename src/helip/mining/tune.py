@@ -21,9 +21,11 @@ keeps the stated confidence without a multiple-testing correction.
 
 **Cost.** The work of ANN at p is known before running it: the number of
 (target, candidate) pairs, the sum over targets of the sizes of their p
-cells. Its speed is measured on the data: a small ANN run over a few whole
-cells (as the real run batches them), timed, against the exact search of the
-sample, timed. If ANN at the chosen point is not estimated faster than exact
+cells. Its speed is measured on the data: a few random candidate cells, each
+searched for every target that probes it (as the real run batches them: all
+those targets against the cell's members at once), timed, against the exact
+search of the sample, timed. Both run on worker threads with single-threaded
+kernels, as the real runs do, so the two estimates compare like with like. If ANN at the chosen point is not estimated faster than exact
 search (or no point of the grid reaches the target), exact search runs
 instead, and the reason is logged and recorded.
 """
