@@ -13,7 +13,7 @@ score matrix, which lives in main memory. Here:
   few candidates at or above them get the exclusion rules and the merge (~13 per
   target over the whole 50k run).
 - **Seeded bounds.** Before the scan, each target's k-th best among the members
-  of its own k-means cell (FAISS, ~300 pairs per cell) gives a floor, minus a
+  of its own k-means cell (``ann.build_cells``, ~300 pairs per cell) gives a floor, minus a
   margin for float rounding, so the bounds are tight from the first tile.
 - **Symmetry.** score(i, j) = score(j, i): when every pair is a target (a whole
   single-process run, ``SymmetricSearch``), each tile of the upper triangle is
