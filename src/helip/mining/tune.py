@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64)
 CONFIDENCE = 0.95
-# the symmetric exact search computes each tile once for two sets of targets; measured on the 50k benchmark
-# data, a whole run took about this share of (time of the sampled targets' row search x N / sample)
-SYMMETRIC_SHARE = 0.6
+# the symmetric exact search computes each tile once for two sets of targets, with seeded bounds; a whole run
+# took about this share of (time of the sampled targets' row search x N / sample): at N = 200,000 on 2 threads
+# 0.35 on the isotropic benchmark data (125 s), ~0.25 on the hierarchical (~94 s); the larger is kept
+SYMMETRIC_SHARE = 0.35
 AUTO_EXACT_BELOW = 50_000
 # ANN's timing probe: at least this many candidate cells and (target, candidate) pairs (~1-2 s on 2 cores)
 PROBE_CELLS, PROBE_PAIRS = 8, 20_000_000   # mode auto: below this many pairs exact search takes seconds; no probe needed
