@@ -44,7 +44,7 @@ NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64)
 CONFIDENCE = 0.95
 # the symmetric exact search computes each tile once for two sets of targets, with seeded bounds; a whole run
 # took about this share of (time of the sampled targets' row search x N / sample): at N = 200,000 on 2 threads
-# 0.35 on the isotropic benchmark data (125 s), ~0.25 on the hierarchical (~94 s); the larger is kept
+# ~0.25 on the hierarchical benchmark data, 0.35 on the isotropic, 0.48 on the heavy-tailed; 0.35 is kept
 SYMMETRIC_SHARE = 0.35
 AUTO_EXACT_BELOW = 50_000
 # ANN's timing probe: at least this many candidate cells and (target, candidate) pairs (~1-2 s on 2 cores)
