@@ -2,10 +2,10 @@
 
 A target's hard pairs are close to it in *both* modalities, so they are close in
 the joint representation [text, image] / sqrt(2), whose inner product is the
-mean of the two cosines (and score >= s needs a joint cosine >= sqrt(s)). Spherical k-means
-clusters that representation into ``nlist`` cells (spherical k-means on a
-sample) and finds, for every pair, the ``nprobe`` cells whose centroids are
-nearest to *it*. Each target is scored, exactly and with the same rules as
+mean of the two cosines (and score >= s needs a joint cosine >= sqrt(s)).
+Spherical k-means on a sample clusters that representation into ``nlist``
+cells; then, for every pair, the ``nprobe`` cells whose centroids are nearest
+to *it* are found. Each target is scored, exactly and with the same rules as
 exact mode, against every member of its own ``nprobe`` cells. The work is
 organised per candidate cell: all targets that probe a cell are scored against
 its members in one dense matrix product (what makes this fast on a CPU), and
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .score import candidate_scores, order_by_score_then_index, select_topk
+from .workers import _run_parallel, tile_workers
 
 
 def default_nlist(n: int) -> int:
@@ -123,7 +124,7 @@ def search_ann(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, m
     the cell it belongs to) and ``members`` (the pairs of each cell, from ``group``).
     ``only_cells``: search only these candidate cells (the tuner's timing probe).
 
-    On the CPU the candidate cells are dealt out to worker threads (``tiled.tile_workers``:
+    On the CPU the candidate cells are dealt out to worker threads (``workers.tile_workers``:
     as many as torch's thread count, each with single-threaded kernels), as the tiled
     exact search deals out its tiles: the work per cell is a few small products and
     selections, which 2-thread BLAS and OpenMP on one Python thread ran many times slower
@@ -132,8 +133,6 @@ def search_ann(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, m
     a total order (score, then index), so the result does not depend on which worker
     merges first.
     """
-    from .tiled import _run_parallel, tile_workers
-
     members = cells["members"]
     probes = cells["probes"][rows]
     nprobe = probes.shape[1]

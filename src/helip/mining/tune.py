@@ -25,9 +25,10 @@ cells. Its speed is measured on the data: a few random candidate cells, each
 searched for every target that probes it (as the real run batches them: all
 those targets against the cell's members at once), timed, against the exact
 search of the sample, timed. Both run on worker threads with single-threaded
-kernels, as the real runs do, so the two estimates compare like with like. If ANN at the chosen point is not estimated faster than exact
-search (or no point of the grid reaches the target), exact search runs
-instead, and the reason is logged and recorded.
+kernels, as the real runs do, so the two estimates compare like with like.
+If ANN at the chosen point is not estimated faster than exact search (or no
+point of the grid reaches the target), exact search runs instead, and the
+reason is logged and recorded.
 """
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ CONFIDENCE = 0.95
 # took about this share of (time of the sampled targets' row search x N / sample): at N = 200,000 on 2 threads
 # ~0.25 on the hierarchical benchmark data, 0.35 on the isotropic, 0.48 on the heavy-tailed; 0.35 is kept
 SYMMETRIC_SHARE = 0.35
-AUTO_EXACT_BELOW = 50_000
+AUTO_EXACT_BELOW = 50_000   # mode auto: below this many pairs exact search takes seconds; no probe needed
 # ANN's timing probe: at least this many candidate cells and (target, candidate) pairs (~1-2 s on 2 cores)
-PROBE_CELLS, PROBE_PAIRS = 8, 20_000_000   # mode auto: below this many pairs exact search takes seconds; no probe needed
+PROBE_CELLS, PROBE_PAIRS = 8, 20_000_000
 
 
 def wilson_lower(mean: float, n: int, confidence: float = CONFIDENCE) -> float:
