@@ -79,6 +79,31 @@ def test_ann_merge_across_cells_breaks_ties_by_index():
         assert idx[0, 0] == 1 and sc[0, 0] == pytest.approx(0.8)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_ann_on_worker_threads_equals_one_thread(threads):
+    """The candidate cells are dealt out to torch's thread count of workers, merges under a lock: the same
+    result as cell by cell on one thread (small blocks, so cells take several merges each)."""
+    from helip.mining.ann import build_cells, group, search_ann
+
+    img, txt = clustered(n=900)
+    t = torch.nn.functional.normalize(torch.from_numpy(txt), dim=1)
+    i = torch.nn.functional.normalize(torch.from_numpy(img), dim=1)
+    cells = build_cells(t, i, "hpm", 20, 5, seed=0)
+    cells["members"] = group(cells["probes"][:, 0], 20)
+    rows = np.random.default_rng(1).permutation(900)[:700]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = search_ann(t, i, rows, 7, "hpm", 0.98, 0.0, 16, cells)
+        torch.set_num_threads(threads)
+        got = search_ann(t, i, rows, 7, "hpm", 0.98, 0.0, 16, cells)
+        assert torch.get_num_threads() == threads, "the search restores torch's thread count"
+    finally:
+        torch.set_num_threads(before)
+    assert (got[0] == ref[0]).all()
+    assert (got[1] == ref[1]).all()
+
+
 def test_subset_with_full_pool_equals_exact():
     img, txt = clustered(n=300)
     exact = mine_hard_pairs(img, txt, k=5, progress=False)

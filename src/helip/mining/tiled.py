@@ -13,7 +13,7 @@ score matrix, which lives in main memory. Here:
   few candidates at or above them get the exclusion rules and the merge (~13 per
   target over the whole 50k run).
 - **Seeded bounds.** Before the scan, each target's k-th best among the members
-  of its own k-means cell (FAISS, ~300 pairs per cell) gives a floor, minus a
+  of its own k-means cell (``ann.build_cells``, ~300 pairs per cell) gives a floor, minus a
   margin for float rounding, so the bounds are tight from the first tile.
 - **Symmetry.** score(i, j) = score(j, i): when every pair is a target (a whole
   single-process run, ``SymmetricSearch``), each tile of the upper triangle is
@@ -31,66 +31,18 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Callable, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .score import candidate_scores, order_by_score_then_index, score_with_rules, select_topk
+from .workers import _run_parallel, blas_threads, tile_workers  # noqa: F401 (blas_threads: mine.py's import)
 
 NEG = float("-inf")
 _NO_INDEX = np.iinfo(np.int64).max   # sorts after every real index among -inf scores
 TILE_ROWS, TILE_COLS = 1024, 2048    # 8 MB of float32 per tile matrix: three of them stay in L3 cache
 SEED_CELL_SIZE = 300                 # pairs per k-means cell for the seeded bounds
-
-
-@contextmanager
-def blas_threads():
-    """numpy's BLAS with torch's thread count (what ``--threads`` / ``torch.set_num_threads`` set)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        yield
-
-
-@contextmanager
-def tile_workers():
-    """As many worker threads as torch's thread count, each running its kernels on one thread.
-
-    The tiles' work is many operations of a few milliseconds each (two products, a
-    comparison pass, small sorts). Run on one Python thread with 2-thread BLAS and
-    2-thread torch, OpenBLAS's and OpenMP's idle threads spin against each other and
-    the small torch operations ran up to 30x slower than on one thread (measured: a
-    20k run took 13-30 s on 2 threads against 3.9 s on one). Instead each worker
-    thread takes whole tiles with single-threaded kernels; numpy and torch release
-    the GIL inside them. Yields the number of workers.
-    """
-    from threadpoolctl import threadpool_limits
-
-    workers = max(1, torch.get_num_threads())
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield workers
-    finally:
-        torch.set_num_threads(workers)
-
-
-def _run_parallel(fn: Callable[[int], None], workers: int) -> None:
-    """``fn(w)`` for w = 0..workers-1 on worker threads (inline for one); the first exception is raised."""
-    if workers == 1:
-        with torch.no_grad():
-            fn(0)
-        return
-
-    def call(w: int) -> None:
-        with torch.no_grad():   # grad mode is per thread
-            fn(w)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for f in [pool.submit(call, w) for w in range(workers)]:
-            f.result()
 
 
 class RunningTopK:
@@ -243,7 +195,7 @@ def search_rows(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, 
             if not hasattr(local, "tiles"):
                 local.tiles = _Tiles(txt, img, method)
             tiles = local.tiles
-            q = np.asarray(rows[s:s + TILE_ROWS], dtype=np.int64)
+            q = np.asarray(rows[s:s + size], dtype=np.int64)
             tq, iq = tiles.txt[q], tiles.img[q]
             top = RunningTopK(len(q), k)
             for c0 in range(0, n, TILE_COLS):
@@ -254,8 +206,12 @@ def search_rows(txt: torch.Tensor, img: torch.Tensor, rows: np.ndarray, k: int, 
             out_i[s:s + len(q)], out_s[s:s + len(q)] = top.result()
             return len(q)
 
-    starts = range(0, len(rows), TILE_ROWS)
     with tile_workers() as workers:
+        # blocks of at most TILE_ROWS, as many as a multiple of the workers: the tuner's and the recall check's
+        # samples (a few hundred targets) are split among all workers instead of one block on one
+        blocks = workers * max(1, -(-len(rows) // (workers * TILE_ROWS)))
+        size = max(1, -(-len(rows) // blocks))
+        starts = range(0, len(rows), size)
         if workers == 1 or len(starts) == 1:
             for s in starts:
                 on_block(block(s))

@@ -21,11 +21,14 @@ keeps the stated confidence without a multiple-testing correction.
 
 **Cost.** The work of ANN at p is known before running it: the number of
 (target, candidate) pairs, the sum over targets of the sizes of their p
-cells. Its speed is measured on the data: a small ANN run over a few whole
-cells (as the real run batches them), timed, against the exact search of the
-sample, timed. If ANN at the chosen point is not estimated faster than exact
-search (or no point of the grid reaches the target), exact search runs
-instead, and the reason is logged and recorded.
+cells. Its speed is measured on the data: a few random candidate cells, each
+searched for every target that probes it (as the real run batches them: all
+those targets against the cell's members at once), timed, against the exact
+search of the sample, timed. Both run on worker threads with single-threaded
+kernels, as the real runs do, so the two estimates compare like with like.
+If ANN at the chosen point is not estimated faster than exact search (or no
+point of the grid reaches the target), exact search runs instead, and the
+reason is logged and recorded.
 """
 from __future__ import annotations
 
@@ -40,10 +43,13 @@ log = logging.getLogger(__name__)
 
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64)
 CONFIDENCE = 0.95
-# the symmetric exact search computes each tile once for two sets of targets; measured on the 50k benchmark
-# data, a whole run took about this share of (time of the sampled targets' row search x N / sample)
-SYMMETRIC_SHARE = 0.6
+# the symmetric exact search computes each tile once for two sets of targets, with seeded bounds; a whole run
+# took about this share of (time of the sampled targets' row search x N / sample): at N = 200,000 on 2 threads
+# ~0.25 on the hierarchical benchmark data, 0.35 on the isotropic, 0.48 on the heavy-tailed; 0.35 is kept
+SYMMETRIC_SHARE = 0.35
 AUTO_EXACT_BELOW = 50_000   # mode auto: below this many pairs exact search takes seconds; no probe needed
+# ANN's timing probe: at least this many candidate cells and (target, candidate) pairs (~1-2 s on 2 cores)
+PROBE_CELLS, PROBE_PAIRS = 8, 20_000_000
 
 
 def wilson_lower(mean: float, n: int, confidence: float = CONFIDENCE) -> float:
@@ -121,7 +127,7 @@ def tune(run, sample_size: int, target: float, seed: int,
     out = {"target_recall": target, "confidence": CONFIDENCE,
            "bound": "one-sided Wilson score bound over sampled targets (per-target recall in [0, 1])",
            "sample_targets": int(len(sample)), "nlist": nlist, "grid": points,
-           "exact_seconds_estimate": round(exact_est, 1)}
+           "exact_seconds_estimate": round(exact_est, 1), "exact_sample_seconds": round(t_exact_sample, 3)}
     if chosen is None:
         out.update(use="exact", nprobe=None,
                    why=f"no nprobe up to {max(recalls)} reaches recall lower bound {target} "
@@ -136,24 +142,27 @@ def tune(run, sample_size: int, target: float, seed: int,
                    why=f"ANN at nprobe {chosen} (recall {point['recall']}, lower bound {point['lower_bound']}) "
                        f"would score {pairs / (float(n) * n):.0%} of all pairs: no faster than exact search")
         return out
-    # ANN's speed on this data: whole cells of targets (as the real run batches them) at the chosen nprobe,
-    # about a quarter of the tuning sample's worth of targets
-    members = cells["members"]
-    budget = max(64, min(sample_size, n) // 4)
-    rows = []
+    # ANN's speed on this data: a few random candidate cells, each with every target that probes it at the
+    # chosen nprobe, as the real run batches them (all targets probing a cell against its members at once)
+    probes_p = cells["probes"][:, :chosen]
+    sizes = np.bincount(cells["probes"][:, 0], minlength=nlist)
+    work = np.bincount(probes_p.ravel(), minlength=nlist) * sizes   # (target, candidate) pairs per cell
+    picked, mini_pairs = [], 0
     for c in rng.permutation(nlist):
-        rows.extend(members[c][:budget - len(rows)].tolist())
-        if len(rows) >= budget:
+        if work[c]:
+            picked.append(int(c))
+            mini_pairs += int(work[c])
+        if len(picked) >= PROBE_CELLS and mini_pairs >= min(PROBE_PAIRS, pairs):
             break
-    rows = np.asarray(rows, dtype=np.int64)
-    probe_cells = {"probes": cells["probes"][:, :chosen], "members": members}
+    rows = np.flatnonzero(np.isin(probes_p, picked).any(1))
     t0 = time.perf_counter()
     search_ann(run.txt, run.img, rows, run.cfg.k, run.cfg.method, run.cfg.dup_threshold, run.cfg.min_similarity,
-               run.cfg.block_size, probe_cells)
+               run.cfg.block_size, {"probes": probes_p, "members": cells["members"]}, only_cells=picked)
     t_mini = time.perf_counter() - t0
-    mini_pairs = int(np.bincount(cells["probes"][:, 0], minlength=nlist)[cells["probes"][rows, :chosen]].sum())
     ann_est = t_mini / max(mini_pairs, 1) * pairs
-    out["ann_seconds_estimate"] = round(ann_est, 1)
+    out.update(ann_seconds_estimate=round(ann_est, 1),
+               ann_probe={"cells": len(picked), "targets": int(len(rows)), "pairs": mini_pairs,
+                          "seconds": round(t_mini, 3)})
     if ann_est >= exact_est:
         out.update(use="exact", why=f"ANN at nprobe {chosen} (recall {point['recall']}, lower bound "
                                     f"{point['lower_bound']}) is estimated at {ann_est:.0f} s, exact search at "
