@@ -34,16 +34,17 @@ Variants:
   pertarget0.05     T = 0.05 of each target's own top-k spread (every target equally sharp)
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 0,1,2] [--device cpu|cuda]
-        [--variants baseline,helip,...] [--steps 700] [--pretrain-steps 1500]
+        [--variants baseline,helip,...] [--steps N] [--pretrain-steps N] (default: the demo's, 700 and 600)
         [--resume-from EARLIER.json ...] [--out benchmarks/results/bench_quality.json]
 
 The headline benchmark (baseline vs the default HELIP, 3 seeds, from
-scratch) is ``--variants baseline,helip``. Where its time goes (1 thread,
-CPU shared with another job; numbers in benchmarks/RESULTS.md): pretraining
-the starting model once (1500 steps, cached for later runs in the demo's
-cache), then per run almost all of it in the 700 training steps (~0.5 s a
-step at 1 thread), ~15 s of evaluation (val + test zero-shot, retrieval,
-linear probe); world, embedding and mining are about a minute once. The
+scratch) is ``--variants baseline,helip --jobs 2``; its steps and every other
+option are the demo's (``DemoConfig``), so the two cannot disagree. Where its
+time goes (numbers in benchmarks/RESULTS.md): pretraining the starting model
+once (the demo's 600 steps, cached for later runs in the demo's cache), then
+per run almost all of it in the 700 training steps (~0.3 s a step at 1
+thread on an idle 2-core CPU), ~10 s of evaluation (val + test zero-shot,
+retrieval, linear probe); world, embedding and mining are under a minute. The
 stage and per-run times (train / eval, with the load average) are recorded
 in the JSON (``timings_seconds``, ``train_seconds``, ``eval_seconds``).
 

@@ -61,7 +61,7 @@ class DemoConfig:
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
         model=DEMO_MODEL, steps=600, batch_size=128, lr=2e-3, warmup_steps=100, seed=0, hard_per_target=0,
         log_every=50, device="cpu", hard_fraction=1.0, top_k=50, hnml_weight=1.0, hnml_margin=0.2))
-    # 600 pretraining steps and 700 continued ones fit a fresh demo in about 7 minutes on a 2-core CPU; among the
+    # 600 pretraining steps and 700 continued ones fit a fresh demo in 7 minutes on a 2-core CPU (373 s); among the
     # lengths that fit, 700 continued steps had the best validation zero-shot mean (benchmarks/RESULTS.md, "The
     # demo's length"). HELIP's options (partners, temperature, HNML) are helip.defaults, what helip train uses
     # (700 steps = 4.5 epochs of pairs seen on 20,000 pairs; `helip train` defaults to the paper's 2 epochs)
