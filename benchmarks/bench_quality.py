@@ -34,16 +34,17 @@ Variants:
   pertarget0.05     T = 0.05 of each target's own top-k spread (every target equally sharp)
 
     .venv/bin/python benchmarks/bench_quality.py [--seeds 0,1,2] [--device cpu|cuda]
-        [--variants baseline,helip,...] [--steps 700] [--pretrain-steps 1500]
+        [--variants baseline,helip,...] [--steps N] [--pretrain-steps N] (default: the demo's, 700 and 600)
         [--resume-from EARLIER.json ...] [--out benchmarks/results/bench_quality.json]
 
 The headline benchmark (baseline vs the default HELIP, 3 seeds, from
-scratch) is ``--variants baseline,helip``. Where its time goes (1 thread,
-CPU shared with another job; numbers in benchmarks/RESULTS.md): pretraining
-the starting model once (1500 steps, cached for later runs in the demo's
-cache), then per run almost all of it in the 700 training steps (~0.5 s a
-step at 1 thread), ~15 s of evaluation (val + test zero-shot, retrieval,
-linear probe); world, embedding and mining are about a minute once. The
+scratch) is ``--variants baseline,helip --jobs 2``; its steps and every other
+option are the demo's (``DemoConfig``), so the two cannot disagree. Where its
+time goes (numbers in benchmarks/RESULTS.md): pretraining the starting model
+once (the demo's 600 steps, cached for later runs in the demo's cache), then
+per run almost all of it in the 700 training steps (~0.3 s a step at 1
+thread on an idle 2-core CPU), ~10 s of evaluation (val + test zero-shot,
+retrieval, linear probe); world, embedding and mining are under a minute. The
 stage and per-run times (train / eval, with the load average) are recorded
 in the JSON (``timings_seconds``, ``train_seconds``, ``eval_seconds``).
 
@@ -87,6 +88,7 @@ import numpy as np
 import torch
 
 from helip.app.demo import DemoConfig, build_world, default_cache_dir, pretrained_checkpoint
+from helip.app.side_by_side import CONTEXT as _RUN, run_side_by_side  # _RUN: what every run needs
 from helip.app.worlds import get_world
 from helip.app.worlds import EvalConfig, evaluate_model
 from helip.embed import encode_pairs
@@ -122,18 +124,6 @@ VARIANTS = {
 }
 HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
                 "mix0.25", "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05", "pertarget0.05")
-# what one run needs, set in this process (--jobs 1) or once per worker process (--jobs J > 1)
-_RUN = {}
-
-
-def _init_runs(context: dict, threads: int) -> None:
-    from threadpoolctl import threadpool_limits
-
-    torch.set_num_threads(threads)
-    threadpool_limits(threads)   # numpy's BLAS too (the linear probe, mining): for the rest of the process
-    _RUN.update(context)
-
-
 def evaluate_checkpoint(path) -> dict:
     c, w = _RUN["cfg"], _RUN["world"]
     m = load_model(c.pretrain.model, str(path), device=_RUN["device"])
@@ -256,7 +246,7 @@ def main(argv=None) -> int:
                     help="a JSON this script wrote (repeatable): its runs that equal a requested-or-listed "
                          "variant's current definition are kept and not repeated")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="runs trained at once, each in its own process with cpu_count/jobs torch threads "
+                    help="runs trained at once, each in its own process with cores/jobs torch threads "
                          "(on a 2-core CPU, 2 jobs of 1 thread finish the runs sooner than 1 job of 2 threads)")
     ap.add_argument("--out", default="benchmarks/results/bench_quality.json")
     args = ap.parse_args(argv)
@@ -350,20 +340,10 @@ def main(argv=None) -> int:
         report["total_seconds"] = round(time.perf_counter() - t_start, 1)
         save_json(args.out, report)
 
-    if args.jobs == 1 or len(todo) < 2:
-        for name, seed in todo:
-            record(run_variant(name, seed))
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_runs, initargs=(context, threads)) as pool:
-            for fut in as_completed([pool.submit(run_variant, name, seed) for name, seed in todo]):
-                record(fut.result())
-        order = {(n, s): i for i, (n, s) in enumerate(todo)}   # the table and JSON in the usual order
-        report["runs"].sort(key=lambda r: order.get((r["variant"], r["seed"]), -1))
+    for _, row in run_side_by_side(run_variant, todo, context, args.jobs):
+        record(row)
+    order = {(n, s): i for i, (n, s) in enumerate(todo)}   # the table and JSON in the usual order
+    report["runs"].sort(key=lambda r: order.get((r["variant"], r["seed"]), -1))
     report["summary"] = summary = summarise(report["runs"])
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     family = [v for v in HELIP_FAMILY if v in summary]
@@ -488,20 +468,9 @@ def run_world(name: str, args, proto: dict, names: list, seeds: list, on_row) ->
            "continued_training": asdict(cfg.continued), "setup_seconds": round(time.perf_counter() - t0, 1),
            "runs": []}
     todo = [(v, s) for s in seeds for v in names]
-    if args.jobs == 1 or len(todo) < 2:
-        for v, s in todo:
-            out["runs"].append(run_variant(v, s))
-            on_row(name, out)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_runs, initargs=(context, threads)) as pool:
-            for fut in as_completed([pool.submit(run_variant, v, s) for v, s in todo]):
-                out["runs"].append(fut.result())
-                on_row(name, out)
+    for _, row in run_side_by_side(run_variant, todo, context, args.jobs):
+        out["runs"].append(row)
+        on_row(name, out)
     out["summary"] = summarise(out["runs"])
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out

@@ -54,6 +54,9 @@ def cmd_demo(args) -> None:
         r = results[v]
         print(f"{v:>10}: zero-shot mean {100 * r['zeroshot_mean']:.1f}  linear probe {100 * r['linear_probe']:.1f}"
               f"  i2t R@1 {100 * r['retrieval']['i2t_r1']:.1f}  t2i R@1 {100 * r['retrieval']['t2i_r1']:.1f}")
+    gain = {k: 100 * (results["helip"][k] - results["baseline"][k]) for k in ("zeroshot_mean", "linear_probe")}
+    print(f"helip - baseline: zero-shot mean {gain['zeroshot_mean']:+.1f} points, "
+          f"linear probe {gain['linear_probe']:+.1f} points")
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.html'}")
 
 

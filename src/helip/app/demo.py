@@ -1,7 +1,7 @@
 """`helip demo`: the whole pipeline on the built-in world, offline, on a CPU.
 
-    world -> pretrain (cached) -> embed -> mine -> train baseline / train HELIP
-          -> eval (val + test) -> results.json + report.html
+    world -> pretrain (cached) -> embed -> mine -> eval the starting model
+          -> train + eval baseline | train + eval HELIP (side by side) -> results.json + report.html
 
 The comparison is fair by construction: baseline and HELIP continue from the
 same pretrained checkpoint with the same batch size, optimiser steps, schedule
@@ -31,6 +31,7 @@ from ..models import CONFIG_DIR, DEMO_MODEL, load_model
 from ..slip import HEAD_FILE, SlipConfig
 from ..training import TrainConfig, train
 from . import worlds
+from .side_by_side import CONTEXT, run_side_by_side
 from .worlds import EvalConfig, evaluate_model
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,18 @@ class DemoConfig:
     # Pretraining uses random batches, so the hard-pair options cannot matter: they are pinned to the values its
     # cached checkpoints were trained with, which keeps the cache key when helip.defaults changes
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(
-        model=DEMO_MODEL, steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, seed=0, hard_per_target=0,
+        model=DEMO_MODEL, steps=600, batch_size=128, lr=2e-3, warmup_steps=100, seed=0, hard_per_target=0,
         log_every=50, device="cpu", hard_fraction=1.0, top_k=50, hnml_weight=1.0, hnml_margin=0.2))
-    # 700 steps, chosen on validation by bench_quality.py over 3 seeds (at 300 steps the gain was small); HELIP's
-    # options (partners, temperature, HNML) are helip.defaults, what helip train uses
+    # 600 pretraining steps and 700 continued ones fit a fresh demo in 7 minutes on a 2-core CPU (373 s); among the
+    # lengths that fit, 700 continued steps had the best validation zero-shot mean (benchmarks/RESULTS.md, "The
+    # demo's length"). HELIP's options (partners, temperature, HNML) are helip.defaults, what helip train uses
     # (700 steps = 4.5 epochs of pairs seen on 20,000 pairs; `helip train` defaults to the paper's 2 epochs)
     continued: TrainConfig = field(default_factory=lambda: TrainConfig(
         model=DEMO_MODEL, steps=700, batch_size=128, lr=1e-3, warmup_steps=20, log_every=10, device="cpu"))
     mine: MineConfig = field(default_factory=lambda: MineConfig(k=50))
+    # baseline and HELIP train side by side, each in its own process on half the cores: on a 2-core CPU that
+    # ends sooner than one after the other at two threads (helip.app.side_by_side); 1 runs them here in turn
+    jobs: int = 2
     progress: bool = True
     # "slip": pretrain and continue with SLIP's loss (CLIP + SimCLR); the tiny model gets a small SimCLR head
     objective: str = "clip"
@@ -148,6 +153,26 @@ def build_world(cfg: DemoConfig) -> DemoWorld:
     return DemoWorld(splits, tensors, tasks, probe_train, probe_labels)
 
 
+def _evaluate(ckpt: Path, cfg: DemoConfig, w: DemoWorld) -> Dict:
+    """Test metrics of one checkpoint, with its validation metrics under ``val``."""
+    m = load_model(cfg.pretrain.model, str(ckpt))
+    r = evaluate_model(m, {"val": w.tensors["val"], "test": w.tensors["test"]}, w.tasks, w.probe_labels,
+                       w.probe_train, EvalConfig())
+    return {**r["test"], "val": r["val"]}
+
+
+def _continue_and_evaluate(name: str) -> Dict:
+    """One continued-training run ("baseline" or "helip") from the starting model, evaluated where it ran."""
+    c = CONTEXT
+    t0 = time.perf_counter()
+    res = train(c["configs"][name], c["world"].tensors["train"], c["out"] / name,
+                hard=c["hard"] if name == "helip" else None, overwrite=True)
+    t_train = time.perf_counter() - t0
+    results = _evaluate(res.checkpoint, c["cfg"], c["world"])
+    return {"results": results, "history": res.history, "train_seconds": round(t_train, 2),
+            "eval_seconds": round(time.perf_counter() - t0 - t_train, 2)}
+
+
 def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[Path] = None,
              config: Optional[DemoConfig] = None, objective: Optional[str] = None,
              world: Optional[str] = None) -> Dict:
@@ -173,6 +198,7 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     timings: Dict[str, float] = {}
+    t_start = time.perf_counter()
 
     @contextmanager
     def stage(name):
@@ -197,31 +223,33 @@ def run_demo(out: Path, seed: int = 0, quick: bool = False, cache_dir: Optional[
         hard = mine_hard_pairs(img, txt, cfg.mine, out_dir=out / "hard_pairs",
                                extra_meta={"fingerprint": emb_meta["fingerprint"]})
 
-    runs = {}
-    with stage("train_baseline"):
-        runs["baseline"] = train(replace(cfg.continued, pretrained=str(start_ckpt), hard_per_target=0,
-                                         hnml_weight=0.0), tensors["train"], out / "baseline", overwrite=True)
-    with stage("train_helip"):
-        runs["helip"] = train(replace(cfg.continued, pretrained=str(start_ckpt)), tensors["train"],
-                              out / "helip", hard=hard, overwrite=True)
+    with stage("eval_pretrained"):  # before the runs, at this process's threads: they need every core
+        results: Dict = {"pretrained": _evaluate(start_ckpt, cfg, w)}
 
-    results: Dict = {}
-    with stage("eval"):
-        ckpts = {"pretrained": start_ckpt, "baseline": runs["baseline"].checkpoint, "helip": runs["helip"].checkpoint}
-        for name, ckpt in ckpts.items():
-            m = load_model(cfg.pretrain.model, str(ckpt))
-            r = evaluate_model(m, {"val": tensors["val"], "test": tensors["test"]}, tasks, w.probe_labels,
-                               w.probe_train, EvalConfig())
-            results[name] = {**r["test"], "val": r["val"]}
+    configs = {"baseline": replace(cfg.continued, pretrained=str(start_ckpt), hard_per_target=0, hnml_weight=0.0),
+               "helip": replace(cfg.continued, pretrained=str(start_ckpt))}
+    # two progress bars on one terminal line would overwrite each other: side by side, only HELIP's shows
+    configs["baseline"] = replace(configs["baseline"], progress=cfg.progress and cfg.jobs == 1)
+    context = {"configs": configs, "cfg": cfg, "world": w, "hard": hard, "out": out}
+    runs = {}
+    with stage("continued"):  # train and evaluate baseline and HELIP, side by side when cfg.jobs > 1
+        for (name,), run in run_side_by_side(_continue_and_evaluate, [("baseline",), ("helip",)], context, cfg.jobs):
+            runs[name] = run
+    for name in ("baseline", "helip"):
+        results[name] = runs[name]["results"]
 
     results["meta"] = {
         "seed": seed, "world": cfg.world, "world_seed": cfg.world_seed, "quick": quick, "model": cfg.pretrain.model,
         "objective": cfg.objective,
         "pretrained_checkpoint": str(start_ckpt), "split_sizes": {k: len(v) for k, v in splits.items()},
         "continued_training": asdict(cfg.continued), "mining": hard.meta, "timings_seconds": timings,
+        # inside the "continued" stage, overlapping when the runs were side by side
+        "run_seconds": {k: {"train": r["train_seconds"], "eval": r["eval_seconds"]} for k, r in runs.items()},
+        "jobs": cfg.jobs,
         "reported_split": "test",
     }
     with stage("report"):
-        write_report(out, results, {k: r.history for k, r in runs.items()}, splits["train"], hard)
+        write_report(out, results, {k: r["history"] for k, r in runs.items()}, splits["train"], hard)
+    timings["total"] = round(time.perf_counter() - t_start, 2)
     save_json(out / "results.json", results)  # last, so its timings include the report
     return results
