@@ -11,6 +11,10 @@ held-out worlds, where nothing may be selected.
 
     python benchmarks/ablation_table.py RUN.json [RUN.json ...] [--out benchmarks/results/NAME]
 
+Runs of the same protocol, learning rate and continued-training length on
+disjoint sets of worlds (one world per command, say) are joined into one run
+first, on the variants they all have.
+
 Writes ``NAME.json`` and ``NAME.md`` when ``--out`` is given.
 """
 from __future__ import annotations
@@ -58,12 +62,29 @@ def _rows(run: dict, path: str):
                "per_world": per_world, "worst_task_vs_baseline": {"delta": worst[0], "task": worst[1]}}
 
 
+def join_runs(runs: list) -> list:
+    """Join runs that differ only in their worlds (same protocol, lr and steps) into one, on shared variants."""
+    joined: dict = {}
+    for path, run in runs:
+        first = next(iter(run["results"].values()), {}).get("continued_training", {})
+        key = (run.get("protocol_name"), first.get("lr"), first.get("steps"))
+        if key in joined and not set(joined[key][1]["worlds"]) & set(run["worlds"]):
+            p0, r0 = joined[key]
+            joined[key] = (f"{p0}+{path}", {**r0, "worlds": [*r0["worlds"], *run["worlds"]],
+                                            "variants": [v for v in r0["variants"] if v in run["variants"]],
+                                            "results": {**r0["results"], **run["results"]}})
+        else:
+            joined[key if key not in joined else (*key, path)] = (path, run)
+    return list(joined.values())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="JSON files written by bench_quality.py --worlds")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    rows = [r for p in args.runs for r in _rows(json.loads(Path(p).read_text()), p)]
+    runs = join_runs([(p, json.loads(Path(p).read_text())) for p in args.runs])
+    rows = [r for p, run in runs for r in _rows(run, p)]
     worlds = sorted({w for r in rows for w in r["worlds"]})
     best_base = max((r for r in rows if r["variant"] == "baseline"), key=lambda r: r["val_zs"])
     for r in rows:

@@ -65,6 +65,7 @@ JSON`` re-tables a run, also an interrupted one.
 
     .venv/bin/python benchmarks/bench_quality.py --worlds dev|heldout|all [--quick] [--variants baseline,helip]
         [--seeds 0,1,2] [--epochs 2] [--lr LR] [--jobs J] [--out PATH]
+        [--pretrain-steps N] [--max-pretrain-steps N]   (the plateau rule's first length and its cap)
 
 Writes JSON (after every run, so a killed run keeps what it finished) and a
 Markdown table beside it. Not part of the test suite. Mining with an external
@@ -552,6 +553,11 @@ def main_worlds(argv) -> int:
     ap.add_argument("--quick", action="store_true", help="the quick protocol (small worlds; 2-core CPU sized)")
     ap.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS), help="quick, full (default) or smoke")
     ap.add_argument("--model", default=PROTOCOL_MODEL)
+    ap.add_argument("--pretrain-steps", type=int, default=None,
+                    help="first pretraining length of the plateau rule (default: the protocol's)")
+    ap.add_argument("--max-pretrain-steps", type=int, default=None,
+                    help="cap the plateau rule's doubling of pretraining below the protocol's (a model still "
+                         "rising at the cap is reported as not at its plateau)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--split", default=None, choices=("val", "test"),
@@ -576,12 +582,20 @@ def main_worlds(argv) -> int:
                  "(the defaults), not with ablations")
     seeds = [int(s) for s in args.seeds.split(",")]
     pname = args.protocol or ("quick" if args.quick else "full")
+    proto = dict(PROTOCOLS[pname])
+    if args.pretrain_steps is not None:
+        proto["pretrain_steps"] = args.pretrain_steps
+        proto["max_pretrain_steps"] = max(proto["max_pretrain_steps"], args.pretrain_steps)
+    if args.max_pretrain_steps is not None:
+        if args.max_pretrain_steps < proto["pretrain_steps"]:
+            ap.error(f"--max-pretrain-steps must be at least the protocol's first length ({proto['pretrain_steps']})")
+        proto["max_pretrain_steps"] = args.max_pretrain_steps
     out = Path(args.out or f"benchmarks/results/bench_quality_worlds_{args.worlds.replace(',', '_')}"
                            f"{'' if pname == 'full' else '_' + pname}.json")
     report = {"benchmark": "HELIP vs plain continued training over a set of worlds, from plateaued starting models",
               "command": " ".join([Path(sys.executable).name, "benchmarks/bench_quality.py", *argv]),
               "git": git_commit(), "machine": machine(), "options": vars(args), "world_set": args.worlds,
-              "worlds": worlds, "protocol_name": pname, "protocol": PROTOCOLS[pname], "model": args.model,
+              "worlds": worlds, "protocol_name": pname, "protocol": proto, "model": args.model,
               "epochs": args.epochs, "seeds": seeds, "variants": names, "results": {}}
     t_start = time.perf_counter()
 
@@ -595,7 +609,7 @@ def main_worlds(argv) -> int:
         save_json(out, report)
 
     for name in worlds:
-        report["results"][name] = run_world(name, args, PROTOCOLS[pname], names, seeds, on_row)
+        report["results"][name] = run_world(name, args, proto, names, seeds, on_row)
         p = report["results"][name]["plateau"]
         print(f"{name}: starting model {p['steps']} steps, at plateau: {p['at_plateau']}; "
               f"pretrained val zs {report['results'][name]['pretrained']['val']['zeroshot_mean']:.4f}", flush=True)

@@ -124,6 +124,24 @@ def test_bench_quality_worlds_smoke(tmp_path, monkeypatch):
     # held-out worlds are never searched
     with pytest.raises(SystemExit):
         bq.main(["--worlds", "heldout", "--protocol", "smoke", "--variants", "baseline,helip,mix0.5"])
+    # a cap on the plateau rule's doubling: one length, reported as such
+    capped = tmp_path / "capped.json"
+    assert bq.main(["--worlds", "w2", "--protocol", "smoke", "--seeds", "0", "--max-pretrain-steps", "16",
+                    "--out", str(capped)]) == 0
+    c = json.loads(capped.read_text())
+    assert c["protocol"]["max_pretrain_steps"] == 16 and len(c["results"]["w2"]["plateau"]["attempts"]) == 1
+    with pytest.raises(SystemExit):
+        bq.main(["--worlds", "w2", "--protocol", "smoke", "--max-pretrain-steps", "8"])
+    # the ablation table joins runs of the same protocol and lr made world by world
+    spec = importlib.util.spec_from_file_location("ablation_table_t", ROOT / "benchmarks" / "ablation_table.py")
+    at = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(at)
+    other = {**c, "worlds": ["w3"], "results": {"w3": c["results"]["w2"]}}
+    (joined_path, joined), = at.join_runs([("a.json", c), ("b.json", other)])
+    assert joined["worlds"] == ["w2", "w3"] and joined_path == "a.json+b.json"
+    rows = list(at._rows(joined, joined_path))
+    assert {r["variant"] for r in rows} == {"baseline", "helip"} and all(r["worlds"] == ["w2", "w3"] for r in rows)
+    assert len(at.join_runs([("a.json", c), ("c.json", c)])) == 2  # the same worlds twice: never joined
 
 
 def test_cli_train_epochs_on_a_family_world(tmp_path):
