@@ -21,6 +21,8 @@ Variants:
   h3                3 hard partners per target
   mix0.5            half of each batch in target+partner groups, half random targets
   mix0.25           a quarter of each batch in target+partner groups
+  *_wise0.5         baseline / helip / uniform with --interpolate 0.5: model.pt halfway between the
+                    starting and the trained weights (WiSE-FT), to keep the starting model's coarse knowledge
   mined_text        hard pairs mined by caption similarity only (the paper's ablation)
   mined_image       ... by image similarity only
   random_pairs      "hard" pairs drawn at random: batches of the same shape with no mining
@@ -113,6 +115,9 @@ VARIANTS = {
     "h3": ({"hard_per_target": 3}, "hpm"),
     "mix0.5": ({"hard_fraction": 0.5}, "hpm"),
     "mix0.25": ({"hard_fraction": 0.25}, "hpm"),
+    "baseline_wise0.5": ({"hard_per_target": 0, "hnml_weight": 0.0, "interpolate": 0.5}, None),
+    "helip_wise0.5": ({"interpolate": 0.5}, "hpm"),
+    "uniform_wise0.5": ({"hard_temperature": 0.0, "interpolate": 0.5}, "hpm"),
     "mined_text": ({}, "text"),
     "mined_image": ({}, "image"),
     "random_pairs": ({}, "random"),
@@ -124,7 +129,7 @@ VARIANTS = {
     "pertarget0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "per_target"}, "hpm"),
 }
 HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
-                "mix0.25", "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05", "pertarget0.05")
+                "mix0.25", "helip_wise0.5", "uniform_wise0.5", "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05", "pertarget0.05")
 def evaluate_checkpoint(path) -> dict:
     c, w = _RUN["cfg"], _RUN["world"]
     m = load_model(c.pretrain.model, str(path), device=_RUN["device"])

@@ -146,6 +146,25 @@ def test_checkpoints_hold_the_training_state_and_load_in_stock_open_clip(tmp_pat
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_interpolate_writes_the_midpoint_of_start_and_trained_and_survives_a_resume(tmp_path, tiny):
+    start = tmp_path / "start.pt"
+    torch.save(open_clip.create_model("helip-test-tiny").state_dict(), start)
+    full = train(base_cfg(model=tiny, pretrained=str(start), steps=4), pairs(), tmp_path / "full", hard_pairs())
+    trained, s0 = weights(full.checkpoint), weights(start)
+    assert max_diff(trained, s0) > 1e-3  # training moved the weights, so the midpoint is a real test
+    cfg = base_cfg(model=tiny, pretrained=str(start), steps=4, save_every=2, interpolate=0.5)
+    with pytest.raises(Killed):
+        train(cfg, pairs(), tmp_path / "wise", hard_pairs(), on_step=kill_after(2))
+    res = train(replace(cfg, resume="auto"), pairs(), tmp_path / "wise", hard_pairs())
+    mid = {k: (s0[k] + trained[k]) / 2 if v.is_floating_point() else v for k, v in trained.items()}
+    assert max_diff(weights(res.checkpoint), mid) < 1e-6  # the start is the loaded weights, not the resumed ones
+    assert max_diff(res.model.state_dict(), mid) < 1e-6
+    last = torch.load(list_checkpoints(tmp_path / "wise")[-1][1], map_location="cpu", weights_only=True)
+    assert max_diff(last["state_dict"], trained) < 1e-6  # the resumable checkpoint keeps the trained weights
+    with pytest.raises(ConfigError, match="interpolate must be in"):
+        base_cfg(interpolate=0.0).validate()
+
+
 def test_resume_with_other_options_is_refused(tmp_path, tiny):
     train(base_cfg(model=tiny, steps=2), pairs(), tmp_path, hard_pairs())
     with pytest.raises(ConfigError, match="batch_size: 16 -> 24"):

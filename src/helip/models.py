@@ -158,6 +158,20 @@ def check_pretrained(name: str, pretrained: Optional[str]) -> None:
                           f"(tags: {', '.join(tags) or 'none'}); pass a checkpoint path or one of the tags.")
 
 
+def interpolate_weights(model: torch.nn.Module, start: dict, alpha: float) -> None:
+    """Move ``model`` to ``start + alpha * (model - start)`` in place (WiSE-FT's weight-space ensemble).
+
+    Fine-tuned weights interpolated back towards the weights they started from
+    keep more of the starting model's knowledge at a small cost to what the
+    fine-tuning added (Wortsman et al., 2022); ``start`` is a state dict of the
+    same model. Only floating-point entries move: integer buffers stay.
+    """
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                v.copy_(torch.lerp(start[k].to(v.device, v.dtype), v, alpha))
+
+
 def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """Write a plain state dict that ``open_clip.create_model(name, pretrained=path)`` loads."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

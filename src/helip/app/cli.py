@@ -166,7 +166,8 @@ def cmd_train(args) -> None:
                       precision=args.precision, accum_steps=args.accum_steps, freeze=args.freeze,
                       workers=args.workers, save_every=args.save_every, resume=args.resume,
                       local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
-                      grad_clip_norm=args.grad_clip_norm, tensorboard=args.tensorboard)
+                      grad_clip_norm=args.grad_clip_norm, tensorboard=args.tensorboard,
+                      interpolate=args.interpolate)
     res = train(cfg, pairs, Path(args.out), hard)
     import torch.distributed as dist
 
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-loss", action="store_true", help="OpenCLIP ClipLoss local_loss (multi-GPU)")
     p.add_argument("--gather-with-grad", action="store_true", help="OpenCLIP ClipLoss gather_with_grad (multi-GPU)")
     p.add_argument("--grad-clip-norm", type=float, default=None)
+    p.add_argument("--interpolate", type=float, default=d.interpolate, metavar="A",
+                   help="write model.pt = start + A x (trained - start), a weight-space ensemble with the starting "
+                        "model (WiSE-FT); checkpoints keep the trained weights (default %(default)s: no mixing)")
     p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard scalars (needs tensorboard)")
     p.set_defaults(func=cmd_train)
 

@@ -98,8 +98,9 @@ def _pretrain_key(cfg: DemoConfig) -> str:
     if pretrain.get("objective") == "clip":  # CLIP runs keep the keys they had before the SLIP options existed
         pretrain.pop("objective")
         pretrain.pop("slip", None)
-    if pretrain.get("remine_every") == 0:  # likewise, later hard-pair options at the values that keep old keys
-        pretrain.pop("remine_every")
+    for later, old in (("remine_every", 0), ("interpolate", 1.0)):  # likewise, later options at the values
+        if pretrain.get(later) == old:                                # that keep old keys
+            pretrain.pop(later)
     if pretrain["hard_per_target"] == 0 or pretrain.get("hard_temperature") == 0:  # random batches or a uniform
         pretrain.pop("hard_temperature", None)  # draw: the partner temperature (and its units) cannot matter
         pretrain.pop("hard_temperature_mode", None)

@@ -57,6 +57,8 @@ class TrainConfig:
     local_loss: bool = False         # OpenCLIP ClipLoss options for multi-GPU runs
     gather_with_grad: bool = False
     grad_clip_norm: Optional[float] = None
+    # weight-space ensemble (WiSE-FT): model.pt = start + interpolate x (trained - start), 1: the trained weights
+    interpolate: float = 1.0
     tensorboard: bool = False        # also write TensorBoard scalars to out_dir/tensorboard
 
     def validate(self) -> None:
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.freeze is not None and self.freeze not in FREEZE:
             raise ConfigError(f"freeze must be 'image' or 'text', got {self.freeze!r}.")
+        if not 0 < self.interpolate <= 1:
+            raise ConfigError(f"interpolate must be in (0, 1] (1: the trained weights), got {self.interpolate}.")
         if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
             raise ConfigError(f"grad_clip_norm must be positive, got {self.grad_clip_norm}.")
 

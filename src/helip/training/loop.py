@@ -48,7 +48,7 @@ from ..data.indexed import EpochSlice, IndexedBatches, as_pair_dataset
 from ..errors import ConfigError, InputError
 from ..io import dataset_fingerprint, remove_leftover_tmp, save_json, save_torch
 from ..mining.store import HardPairs
-from ..models import load_model, save_checkpoint
+from ..models import interpolate_weights, load_model, save_checkpoint
 from ..sampler import HardPairBatchSampler
 from .checkpoint import (CHECKPOINT_DIR, check_compatible, check_fresh_out_dir, checkpoint_path, list_checkpoints,
                          prune_log, resume_state)
@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     ``model.pt`` is a plain state dict: ``open_clip.create_model(cfg.model,
     pretrained=path)`` loads it. Resumable checkpoints go to
     ``out_dir/checkpoints/step_N.pt`` (every ``save_every`` steps and at the
-    end). A fresh run (``cfg.resume`` None) refuses an ``out_dir`` that holds
+    end; they hold the trained weights, ``model.pt`` the ``cfg.interpolate``
+    mix of them with the starting weights). A fresh run (``cfg.resume`` None) refuses an ``out_dir`` that holds
     an earlier run's checkpoints unless ``overwrite``, which deletes them.
     ``on_step(step)`` is called after every step and its checkpoint (tests use
     it to simulate a kill).
@@ -126,6 +127,9 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     # model, batches, optimiser
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, cfg.pretrained, device=device).model if model is None else model.to(device)
+    # the weights this run starts from (before any resume), kept on the CPU for --interpolate
+    start = None if cfg.interpolate == 1 else {k: v.detach().to("cpu", copy=True)
+                                               for k, v in model.state_dict().items()}
     sampler = HardPairBatchSampler.from_hard_pairs(
         hard if use_hard else None, cfg.batch_size, hard_per_target=cfg.hard_per_target, top_k=cfg.top_k,
         hard_fraction=cfg.hard_fraction, hard_temperature=cfg.hard_temperature,
@@ -228,6 +232,8 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     # outputs
     seconds = time.perf_counter() - t_start
     ckpt = out_dir / "model.pt"
+    if start is not None:  # every rank, so the returned model is model.pt's; resumable checkpoints keep the trained
+        interpolate_weights(trainer.clip_model, start, cfg.interpolate)
     if info.is_main:
         trainer.objective.save(trainer.model, out_dir)  # before model.pt: model.pt marks a complete run
         save_checkpoint(trainer.clip_model, ckpt)
