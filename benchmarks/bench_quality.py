@@ -129,7 +129,8 @@ VARIANTS = {
     "pertarget0.05": ({"hard_temperature": 0.05, "hard_temperature_mode": "per_target"}, "hpm"),
 }
 HELIP_FAMILY = ("helip", "uniform", "hpm_no_hnml", "hnml_w0.5", "hnml_w2", "hnml_m0.1", "hnml_m0.4", "h3", "mix0.5",
-                "mix0.25", "helip_wise0.5", "uniform_wise0.5", "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05", "pertarget0.05")
+                "mix0.25", "helip_wise0.5", "uniform_wise0.5", "remine1", "remine2", "temp0.01", "temp0.002", "rel0.05",
+                "pertarget0.05")
 def evaluate_checkpoint(path) -> dict:
     c, w = _RUN["cfg"], _RUN["world"]
     m = load_model(c.pretrain.model, str(path), device=_RUN["device"])

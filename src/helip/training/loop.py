@@ -84,8 +84,9 @@ def train(cfg: TrainConfig, pairs, out_dir: Path, hard: Optional[HardPairs] = No
     pretrained=path)`` loads it. Resumable checkpoints go to
     ``out_dir/checkpoints/step_N.pt`` (every ``save_every`` steps and at the
     end; they hold the trained weights, ``model.pt`` the ``cfg.interpolate``
-    mix of them with the starting weights). A fresh run (``cfg.resume`` None) refuses an ``out_dir`` that holds
-    an earlier run's checkpoints unless ``overwrite``, which deletes them.
+    mix of them with the starting weights). A fresh run (``cfg.resume``
+    None) refuses an ``out_dir`` that holds an earlier run's checkpoints
+    unless ``overwrite``, which deletes them.
     ``on_step(step)`` is called after every step and its checkpoint (tests use
     it to simulate a kill).
     """
