@@ -59,10 +59,13 @@ def main(argv=None) -> int:
 
     from helip.mining.ann import joint
     from helip.mining.exact import _rescore
+    from helip.mining.mine import MineConfig
     from helip.mining.score import select_topk
     from helip.mining.tiled import search_rows
     from helip.mining.tune import SYMMETRIC_SHARE
 
+    defaults = MineConfig()   # helip's default rules, as `helip mine` applies them
+    rules = (defaults.method, defaults.dup_threshold, defaults.min_similarity)
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
@@ -72,16 +75,16 @@ def main(argv=None) -> int:
     i = torch.nn.functional.normalize(torch.from_numpy(img), dim=1)
     sample = np.sort(np.random.default_rng([args.seed, 5]).choice(args.n, args.sample, replace=False))
     t0 = time.perf_counter()   # helip's exact search of these targets, as auto mode times it
-    exact = search_rows(t, i, sample, args.k, "hpm", 0.98, 0.0)[0]
+    exact = search_rows(t, i, sample, args.k, *rules)[0]
     exact_sample_s = time.perf_counter() - t0
     exact_est = exact_sample_s / len(sample) * args.n * SYMMETRIC_SHARE
 
-    x = joint(t, i, "hpm")
+    x = joint(t, i, defaults.method)
     q = torch.as_tensor(sample)
 
     def rescored(cand: np.ndarray) -> np.ndarray:
         c = torch.from_numpy(np.asarray(cand, dtype=np.int64))
-        sc = _rescore(t, i, q, c.clamp(min=0), "hpm", 0.98, 0.0).masked_fill_(c < 0, float("-inf"))
+        sc = _rescore(t, i, q, c.clamp(min=0), *rules).masked_fill_(c < 0, float("-inf"))
         return select_topk(sc, c, args.k)[0]
 
     # no graph: the exact joint top-m (a selection, not a sort of every row's N scores)
